@@ -1,0 +1,1 @@
+"""The framework-free core of agentic-iam. It never imports an agent framework."""

@@ -1,0 +1,727 @@
+"""The Guard: the one object adapters talk to, deciding every tool call.
+
+``authorize`` runs the pipeline of ARCHITECTURE §2 for one call — verify the token, check the
+registry, match the capability (typed, no coercion), admit the call in the store (revocation,
+rate limits, budget reservation on the grant and every ancestor, in one atomic step), evaluate
+the policy with the delegation, session, risk, budget and provenance context, decide, and make
+the decision event durable — and returns a :class:`Decision`. ``enforce`` raises
+:class:`AuthorizationDenied` instead. ``screen`` runs the firewall over the tool's output and
+updates taint, risk and argument provenance; ``complete`` settles the budget and records the
+result.
+
+It must never let a call run without a decision, and never turn an error into an allow: any
+exception in any step is a deny with a reason, and a reservation made before the failure is
+released.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+from agentic_iam.core.approvals import (
+    ApprovalManager,
+    Approver,
+    arguments_digest,
+    call_binding,
+    canonical_json,
+)
+from agentic_iam.core.decision import Decision, Reason, ToolCall
+from agentic_iam.core.firewall import (
+    DEFAULT_TARGET_ARGUMENTS,
+    Firewall,
+    ScreenConfig,
+    ScreenResult,
+    ValueIndex,
+)
+from agentic_iam.core.identity import AgentSpec, ExecutionIdentity, ToolSpec
+from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest
+from agentic_iam.core.registry import AgentRegistry
+from agentic_iam.core.store.base import AdmitRequest, AdmitResult, Charge, RateLimit, Store
+from agentic_iam.core.tokens import ExecutionToken, TokenVerifier
+from agentic_iam.errors import (
+    AuthorizationDenied,
+    ExpiredTokenError,
+    InvalidSignatureError,
+    RevokedTokenError,
+    StoreError,
+    TokenError,
+)
+
+if TYPE_CHECKING:
+    from agentic_iam.core.broker import DelegationBroker
+    from agentic_iam.core.provenance import Recorder
+
+__all__ = ["Guard", "GuardConfig", "Screened"]
+
+log = logging.getLogger("agentic_iam.guard")
+
+TokenLike = str | ExecutionToken | ExecutionIdentity
+_TOKEN_CODES: dict[type[TokenError], str] = {
+    ExpiredTokenError: "token.expired",
+    RevokedTokenError: "token.revoked",
+    InvalidSignatureError: "token.signature",
+}
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Limits and behaviour of a Guard."""
+
+    execution_rate_per_s: float = 10.0
+    """Sustained tool calls per second per execution (GCRA)."""
+    execution_burst: int = 20
+    """Burst size per execution."""
+    agent_rate_per_s: float = 200.0
+    """Sustained tool calls per second per agent, across executions."""
+    agent_burst: int = 400
+    """Burst size per agent."""
+    reservation_ttl_s: float = 300.0
+    """An unsettled budget reservation is released after this long."""
+    session_events: int = 256
+    """Bounded per-session history kept in the store."""
+    approval_ttl_s: int = 900
+    """How long an approval request stays answerable."""
+    framework: str | None = None
+    """Default framework name recorded on events."""
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A screened tool output: what the model may see, and what the firewall found."""
+
+    text: str
+    """The text to hand to the model."""
+    result: ScreenResult
+    """The firewall's findings."""
+
+
+@dataclass
+class _Pending:
+    """What ``complete`` needs about an allowed call (kept by the Guard, keyed by call id)."""
+
+    identity: ExecutionIdentity
+    agent: AgentSpec
+    tool: ToolSpec
+    call: ToolCall
+    reservation_id: str
+    amounts: dict[str, int]
+    started: float
+    screened: ScreenResult | None = None
+    audit: dict[str, Any] = field(default_factory=dict)
+
+
+class Guard:
+    """Decides every tool call of every execution. Thread-safe."""
+
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        verifier: TokenVerifier,
+        policy: PolicyEngine,
+        *,
+        store: Store | None = None,
+        firewall: Firewall | None = None,
+        recorder: Recorder | None = None,
+        approver: Approver | None = None,
+        config: GuardConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if store is None:
+            from agentic_iam.core.store.memory import MemoryStore
+
+            store = MemoryStore()
+        self.registry = registry
+        self.verifier = verifier
+        self.policy = policy
+        self.store = store
+        self.firewall = firewall or Firewall()
+        self.recorder = recorder
+        self.config = config or GuardConfig()
+        self.approvals = ApprovalManager(store, approver, ttl_s=self.config.approval_ttl_s,
+                                         recorder=recorder, clock=clock)
+        self._clock = clock
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
+        self._seeded: OrderedDict[str, None] = OrderedDict()
+        #: Counters for tests and operators: decisions by outcome.
+        self.stats: dict[str, int] = {"allow": 0, "deny": 0, "approval_required": 0}
+
+    @classmethod
+    def from_broker(cls, broker: DelegationBroker, policy: PolicyEngine, **kwargs: Any) -> Guard:
+        """A Guard sharing the broker's registry, verifier, store and recorder."""
+        kwargs.setdefault("store", broker.store)
+        kwargs.setdefault("recorder", broker.recorder)
+        return cls(broker.registry, broker.verifier, policy, **kwargs)
+
+    # --- authorize ----------------------------------------------------------------------
+
+    def authorize(self, token: TokenLike, call: ToolCall) -> Decision:
+        """Decide one call. Never raises: every failure is a deny with a reason."""
+        call_id = call.call_id or "call_" + secrets.token_hex(8)
+        if call.call_id != call_id:
+            call = replace(call, call_id=call_id)
+        audit: dict[str, Any] = {"tool": call.name, "call_id": call_id}
+        reservation: str | None = None
+        try:
+            decision, reservation = self._authorize(token, call, audit)
+        except Exception as exc:  # noqa: BLE001 - fail closed, whatever failed
+            log.warning("guard step failed for `%s`: %s", call.name, type(exc).__name__)
+            if reservation is not None:
+                self._release_quietly(reservation)
+            decision = self._deny(call, "guard.error",
+                                  f"the access check failed ({type(exc).__name__}); failing closed",
+                                  audit)
+            reservation = None
+        try:
+            self._record_decision(decision, call, audit)
+        except Exception as exc:  # noqa: BLE001
+            # The decision must be durable before the tool runs; if it cannot be, nothing runs.
+            if decision.reservation_id is not None:
+                self._release_quietly(decision.reservation_id)
+            with self._lock:
+                self._pending.pop(call_id, None)
+            decision = Decision("deny", (Reason("audit.failed",
+                                                f"the audit record could not be written "
+                                                f"({type(exc).__name__})"),),
+                                call_id, call.name, decision.action, decision.execution_id)
+        with self._lock:
+            self.stats[decision.outcome] += 1
+        return decision
+
+    def enforce(self, token: TokenLike, call: ToolCall) -> Decision:
+        """Like :meth:`authorize`, but raise :class:`AuthorizationDenied` unless allowed."""
+        decision = self.authorize(token, call)
+        if not decision.allowed:
+            raise AuthorizationDenied(decision)
+        return decision
+
+    def _identity(self, token: TokenLike) -> ExecutionIdentity:
+        if isinstance(token, ExecutionIdentity):
+            # Already verified in this process (documented): only the clock is re-checked.
+            if token.expires_at <= self._clock() - self.verifier.leeway_s:
+                raise ExpiredTokenError("token has expired")
+            return token
+        raw = token.token if isinstance(token, ExecutionToken) else token
+        # Revocation is checked atomically in the store's admit step (one round trip).
+        return self.verifier.verify(raw, check_revocation=False)
+
+    def _authorize(self, token: TokenLike, call: ToolCall,
+                   audit: dict[str, Any]) -> tuple[Decision, str | None]:
+        # 1. token
+        try:
+            identity = self._identity(token)
+        except TokenError as exc:
+            code = next((c for t, c in _TOKEN_CODES.items() if isinstance(exc, t)),
+                        "token.invalid")
+            return self._deny(call, code, str(exc), audit), None
+        self._identity_audit(identity, audit)
+        # 2. registry
+        agent = self.registry.get(identity.agent_id)
+        if agent is None:
+            return self._deny(call, "registry.unknown_agent",
+                              f"agent `{identity.agent_id}` is not in the registry", audit,
+                              identity), None
+        if agent.status != "active":
+            return self._deny(call, "registry.agent_suspended",
+                              f"agent `{agent.id}` is suspended", audit, identity), None
+        tool = agent.tools.get(call.name)
+        if tool is None:
+            return self._deny(call, "registry.tool_unregistered",
+                              f"tool `{call.name}` is not registered for agent `{agent.id}`",
+                              audit, identity), None
+        audit["action"] = tool.action
+        arguments = self._checked_arguments(call.arguments)
+        if isinstance(arguments, str):
+            return self._deny(call, "arguments.invalid", arguments, audit, identity, tool), None
+        audit["arguments_digest"] = arguments_digest(arguments)
+        audit["arguments"] = arguments
+        # 3. capability
+        match = identity.capabilities.check(tool.action, arguments)
+        if not match.ok:
+            return self._deny(call, match.code, match.message, audit, identity, tool), None
+        # 4. limits: revocation, rate limits, budget reservation (one atomic store step)
+        amounts = self._amounts(tool, arguments)
+        if isinstance(amounts, str):
+            return self._deny(call, "arguments.cost", amounts, audit, identity, tool), None
+        self._seed_request_values(identity)
+        reservation_id = "res_" + secrets.token_hex(10)
+        try:
+            admitted = self.store.admit(self._admit_request(identity, tool, amounts,
+                                                            reservation_id))
+        except StoreError as exc:
+            return self._deny(call, "store.unavailable", str(exc), audit, identity, tool), None
+        denial = self._admission_denial(admitted, identity, tool)
+        if denial is not None:
+            if admitted.outcome == "admitted":
+                self.store.release(reservation_id)
+            self._session_audit(admitted, identity, audit)
+            return self._deny(call, denial[0], denial[1], audit, identity, tool), None
+        self._session_audit(admitted, identity, audit, after_call=tool.risk)
+        # 5. policy
+        try:
+            provenance = self._provenance(identity, tool, arguments)
+            result = self.policy.evaluate(PolicyRequest(
+                identity=identity, agent=agent, tool=tool, arguments=arguments,
+                context=self._context(identity, tool, call, admitted, provenance),
+            ))
+        except Exception:
+            self.store.release(reservation_id)
+            raise
+        # 6. decision
+        if result.outcome == "allow":
+            decision = self._allow(call, identity, tool, arguments, reservation_id, admitted,
+                                   result.reasons, audit, agent, amounts)
+            return decision, reservation_id
+        self.store.release(reservation_id)
+        if result.outcome == "approval_required":
+            return self._approval(call, identity, agent, tool, arguments, result.reasons,
+                                  audit, amounts), None
+        return Decision("deny", result.reasons or (Reason("policy.forbid", "denied by policy"),),
+                        call.call_id or "", call.name, tool.action, identity.execution_id), None
+
+    def _approval(self, call: ToolCall, identity: ExecutionIdentity, agent: AgentSpec,
+                  tool: ToolSpec, arguments: Mapping[str, Any], reasons: tuple[Reason, ...],
+                  audit: dict[str, Any], amounts: dict[str, int]) -> Decision:
+        binding = call_binding(identity.execution_id, call.name, arguments)
+        request, answer = None, None
+        if not self.approvals.consume(binding):
+            request, answer = self.approvals.request(
+                binding=binding, execution_id=identity.execution_id, agent_id=agent.id,
+                delegator=identity.delegator_id, tool=call.name, action=tool.action,
+                arguments=arguments, reasons=tuple(r.message for r in reasons),
+                policy_ids=tuple(r.policy_id for r in reasons if r.policy_id),
+                audit=self._audit_base(audit),
+            )
+            if answer is not True or not self.approvals.consume(binding):
+                outcome: Literal["deny", "approval_required"] = (
+                    "deny" if answer is False else "approval_required")
+                why = reasons if outcome == "approval_required" else (
+                    Reason("approval.denied", "a human denied this call"), *reasons)
+                return Decision(outcome, why, call.call_id or "", call.name, tool.action,
+                                identity.execution_id, approval_id=request.request_id)
+        # An approved, now consumed, approval lifts the approval policies for this exact call.
+        # The budget and limits still apply: admit again for this call.
+        reservation_id = "res_" + secrets.token_hex(10)
+        admitted = self.store.admit(self._admit_request(identity, tool, amounts, reservation_id))
+        denial = self._admission_denial(admitted, identity, tool)
+        if denial is not None:
+            if admitted.outcome == "admitted":
+                self.store.release(reservation_id)
+            return self._deny(call, denial[0], denial[1], audit, identity, tool)
+        granted = (Reason("approval.granted", "a human approved this exact call",
+                          None), *reasons)
+        return self._allow(call, identity, tool, arguments, reservation_id, admitted, granted,
+                           audit, self.registry.get(identity.agent_id) or agent, amounts,
+                           approval_id=request.request_id if request else None)
+
+    def _allow(self, call: ToolCall, identity: ExecutionIdentity, tool: ToolSpec,
+               arguments: Mapping[str, Any], reservation_id: str, admitted: AdmitResult,
+               reasons: tuple[Reason, ...], audit: dict[str, Any], agent: AgentSpec,
+               amounts: dict[str, int], approval_id: str | None = None) -> Decision:
+        call_id = call.call_id or ""
+        checked = copy.deepcopy(dict(arguments))
+        with self._lock:
+            self._pending[call_id] = _Pending(identity, agent, tool, call, reservation_id,
+                                              amounts, self._clock(),
+                                              audit=self._audit_base(audit))
+        return Decision("allow", reasons or (Reason("policy.permit", "allowed"),), call_id,
+                        call.name, tool.action, identity.execution_id,
+                        approval_id=approval_id, reservation_id=reservation_id,
+                        remaining=dict(admitted.remaining), arguments=checked)
+
+    # --- pieces of authorize ------------------------------------------------------------
+
+    @staticmethod
+    def _checked_arguments(arguments: object) -> dict[str, Any] | str:
+        if not isinstance(arguments, Mapping):
+            return f"arguments must be an object, got {type(arguments).__name__}"
+        out: dict[str, Any] = {}
+        for key, value in arguments.items():
+            if type(key) is not str:
+                return "argument names must be strings"
+            out[key] = value
+        try:
+            canonical_json(out)
+        except (TypeError, ValueError) as exc:
+            return f"arguments are not plain JSON values: {exc}"
+        return out
+
+    @staticmethod
+    def _amounts(tool: ToolSpec, arguments: Mapping[str, Any]) -> dict[str, int] | str:
+        cost = tool.cost or 0
+        if tool.cost_argument is not None:
+            value = arguments.get(tool.cost_argument)
+            if type(value) is not int or value < 0:
+                return (f"argument `{tool.cost_argument}` carries the call's cost and must be a "
+                        f"non-negative integer")
+            cost += value
+        return {"tool_calls": 1, "cost": cost, "llm_tokens": 0, "risk": tool.risk}
+
+    def _admit_request(self, identity: ExecutionIdentity, tool: ToolSpec,
+                       amounts: Mapping[str, int], reservation_id: str) -> AdmitRequest:
+        return AdmitRequest(
+            reservation_id=reservation_id,
+            session=identity.key,
+            action=tool.action,
+            revocation_keys=(identity.key, *identity.ancestor_keys),
+            rate_limits=(
+                RateLimit(f"exec:{identity.key}", self.config.execution_rate_per_s,
+                          self.config.execution_burst),
+                RateLimit(f"agent:{identity.agent_id}", self.config.agent_rate_per_s,
+                          self.config.agent_burst),
+            ),
+            charges=self._charges(identity),
+            amounts=amounts,
+            reservation_ttl_s=self.config.reservation_ttl_s,
+        )
+
+    @staticmethod
+    def _charges(identity: ExecutionIdentity) -> tuple[Charge, ...]:
+        # A child's spend is charged to every ancestor with that ancestor's own limits (carried
+        # in the signed token), so siblings together can never exceed their parent.
+        own = Charge(identity.key, identity.budget.as_dict())
+        return (own, *(Charge(key, budget.as_dict()) for key, budget
+                       in zip(identity.ancestor_keys, identity.ancestor_budgets, strict=True)))
+
+    def _admission_denial(self, admitted: AdmitResult, identity: ExecutionIdentity,
+                          tool: ToolSpec) -> tuple[str, str] | None:
+        if admitted.outcome == "revoked":
+            return "token.revoked", "the execution token or one of its ancestors was revoked"
+        if admitted.outcome == "rate_limited":
+            return ("rate.limited",
+                    f"rate limit reached; retry in {admitted.retry_after_s:.2f}s")
+        if admitted.outcome == "budget_exhausted":
+            grant, _, dimension = admitted.detail.rpartition("|")
+            whose = "this execution's" if grant == identity.key else "a parent execution's"
+            return "budget.exhausted", f"{whose} `{dimension}` budget is exhausted"
+        if admitted.outcome != "admitted":
+            return "store.unexpected", f"unexpected store outcome `{admitted.outcome}`"
+        llm_left = admitted.remaining.get("llm_tokens")
+        if llm_left is not None and llm_left <= 0 and identity.budget.llm_tokens is not None:
+            return "budget.exhausted", "this execution's `llm_tokens` budget is exhausted"
+        if admitted.session.risk + tool.risk > identity.risk_envelope:
+            return ("risk.envelope",
+                    f"accumulated risk {admitted.session.risk} + {tool.risk} would exceed the "
+                    f"envelope {identity.risk_envelope}")
+        return None
+
+    def _context(self, identity: ExecutionIdentity, tool: ToolSpec, call: ToolCall,
+                 admitted: AdmitResult, provenance: dict[str, str]) -> dict[str, Any]:
+        session = admitted.session
+        now = int(self._clock())
+        moment = datetime.fromtimestamp(now, tz=timezone.utc)
+        return {
+            "delegation": {
+                "delegator": identity.delegator_id,
+                "delegator_type": identity.delegator_type,
+                "agent": identity.agent_id,
+                "depth": identity.depth,
+                "chain_agents": frozenset(a.agent_id for a in identity.actors),
+                "hops": len(identity.actors),
+                "purpose": identity.purpose,
+            },
+            "session": {
+                "call_count": session.call_count,
+                "action_count": session.action_counts.get(tool.action, 0),
+                "prior_actions": frozenset(session.action_counts),
+                "labels": frozenset(session.labels),
+                "tainted": bool(session.tainted_by) or "tainted" in session.labels,
+            },
+            "risk": {"score": session.risk, "envelope": identity.risk_envelope,
+                     "call": tool.risk},
+            "budget": {k: v for k, v in admitted.remaining.items()
+                       if v is not None and k != "risk"},
+            "confidence": call.confidence,
+            "time": {"now": now, "hour": moment.hour, "weekday": moment.isoweekday()},
+            "provenance": provenance,
+            "untrusted_args": frozenset(k for k, v in provenance.items() if v == "untrusted"),
+        }
+
+    # --- argument provenance ------------------------------------------------------------
+
+    def target_arguments(self, tool: ToolSpec, arguments: Mapping[str, Any]) -> list[str]:
+        if tool.target_arguments:
+            return sorted(a for a in tool.target_arguments if a in arguments)
+        if tool.consequential:
+            return sorted(a for a in arguments if a in DEFAULT_TARGET_ARGUMENTS)
+        return []
+
+    def _provenance(self, identity: ExecutionIdentity, tool: ToolSpec,
+                    arguments: Mapping[str, Any]) -> dict[str, str]:
+        targets = self.target_arguments(tool, arguments)
+        if not targets:
+            return {}
+        digests = {name: ValueIndex.digest(arguments[name]) for name in targets}
+        known = self.store.value_labels(identity.key, [d for d in digests.values() if d])
+        return {name: (known.get(d, "unknown") if d else "unknown")
+                for name, d in digests.items()}
+
+    def _seed_request_values(self, identity: ExecutionIdentity) -> None:
+        """Index what the delegator asked for (purpose, constraint values) once per session."""
+        if identity.key in self._seeded:
+            return
+        values: list[object] = [identity.purpose]
+        for capability in identity.capabilities:
+            for constraint in capability.constraints.values():
+                if constraint.eq is not None:
+                    values.append(constraint.eq)
+                values.extend(constraint.one_of or ())
+        self.observe(identity, values, "request")
+        with self._lock:
+            self._seeded[identity.key] = None
+            if len(self._seeded) > 10_000:
+                self._seeded.popitem(last=False)
+
+    def observe(self, token: TokenLike, values: Iterable[object],
+                source: Literal["request", "trusted", "untrusted"]) -> None:
+        """Record values (text or scalars) as seen from ``source`` for argument provenance.
+
+        Adapters call this with the user's request (``request``) so that targets the user named
+        are told apart from targets that only appear in untrusted tool output.
+        """
+        identity = token if isinstance(token, ExecutionIdentity) else self._identity(token)
+        digests: dict[str, str] = {}
+        for value in values:
+            for digest in ValueIndex.digests_of(value):
+                digests[digest] = source
+        if digests:
+            self.store.add_values(identity.key, digests)
+
+    # --- screening and completion -------------------------------------------------------
+
+    def screen(self, decision: Decision, output: object) -> Screened:
+        """Screen a tool's output before the model sees it (never raises; blocks on error)."""
+        with self._lock:
+            pending = self._pending.get(decision.call_id)
+        if pending is None or not decision.allowed:
+            result = ScreenResult(text="[agentic-iam: output withheld: no allowed call]",
+                                  findings=(), risk=0, labels=frozenset(), blocked=True,
+                                  redactions=())
+            return Screened(result.text, result)
+        text = output if isinstance(output, str) else _to_text(output)
+        tool = pending.tool
+        untrusted = tool.output_trust == "untrusted"
+        try:
+            config = self._screen_config(pending.agent.id, tool)
+            result = self.firewall.screen(text, config, untrusted=untrusted)
+        except Exception as exc:  # noqa: BLE001 - a broken screen blocks the output
+            result = ScreenResult(
+                text=f"[agentic-iam: tool output blocked: screening failed ({type(exc).__name__})]",
+                findings=(), risk=0, labels=frozenset({"screen_failed"}), blocked=True,
+                redactions=())
+        labels = set(result.labels)
+        if untrusted:
+            labels.add("tainted")
+        try:
+            self.store.add_risk(pending.identity.key, result.risk, labels,
+                                tainted_by=f"tool:{tool.name}#{decision.call_id}"
+                                if untrusted else None)
+            if not result.blocked:
+                source: Literal["trusted", "untrusted"] = "untrusted" if untrusted else "trusted"
+                self.observe(pending.identity, [result.text], source)
+        except Exception as exc:  # noqa: BLE001
+            # Taint that cannot be recorded must not be silently dropped: block the output.
+            result = ScreenResult(
+                text=f"[agentic-iam: tool output blocked: session update failed "
+                     f"({type(exc).__name__})]",
+                findings=result.findings, risk=result.risk, labels=frozenset(labels),
+                blocked=True, redactions=result.redactions)
+        pending.screened = result
+        return Screened(result.text, result)
+
+    def complete(self, decision: Decision, outcome: Literal["success", "error"] = "success",
+                 *, actual_cost: int | None = None) -> None:
+        """Settle the call's budget and record its result. Idempotent per call."""
+        with self._lock:
+            pending = self._pending.pop(decision.call_id, None)
+        if pending is None:
+            return
+        amounts = dict(pending.amounts)
+        if actual_cost is not None and type(actual_cost) is int and actual_cost >= 0:
+            amounts["cost"] = min(actual_cost, amounts["cost"])
+        try:
+            if outcome == "success":
+                self.store.settle(pending.reservation_id, amounts)
+            else:
+                self.store.release(pending.reservation_id)
+            self.store.append_event(pending.identity.key, {
+                "call_id": decision.call_id, "tool": pending.tool.name,
+                "action": pending.tool.action, "outcome": outcome,
+                "time": int(self._clock()),
+            }, max_events=self.config.session_events)
+        except StoreError as exc:
+            log.warning("could not settle call %s: %s", decision.call_id, exc)
+        if self.recorder is not None:
+            screened = pending.screened
+            state = self._session_snapshot(pending.identity)
+            self.recorder.record(
+                "tool_call.completed",
+                **{**pending.audit,
+                   "session": state,
+                   "result": {
+                       "outcome": "blocked" if screened is not None and screened.blocked
+                       else outcome,
+                       "duration_ms": int((self._clock() - pending.started) * 1000),
+                       "output_digest": hashlib.sha256(screened.text.encode()).hexdigest()
+                       if screened is not None else None,
+                       "output_labels": sorted(screened.labels) if screened else [],
+                       "budget_settled": amounts if outcome == "success" else {},
+                   }},
+            )
+
+    def charge_usage(self, token: TokenLike, *, input_tokens: int, output_tokens: int,
+                     model: str | None = None, framework: str | None = None) -> None:
+        """Charge LLM tokens to the execution and every ancestor (adapters call this)."""
+        identity = self._identity(token)
+        total = int(input_tokens) + int(output_tokens)
+        if total <= 0:
+            return
+        self.store.charge((identity.key, *identity.ancestor_keys), {"llm_tokens": total})
+        if self.recorder is not None:
+            audit: dict[str, Any] = {}
+            self._identity_audit(identity, audit)
+            self.recorder.record("model.usage", **audit,
+                                 usage={"input_tokens": int(input_tokens),
+                                        "output_tokens": int(output_tokens)},
+                                 reasoning={"model": model},
+                                 framework=framework or self.config.framework)
+
+    def resolve_approval(self, approval_id: str, *, approved: bool, approver: str) -> None:
+        """Answer an approval request (the adapter calls this when a paused run resumes)."""
+        self.approvals.resolve(approval_id, approved=approved, approver=approver)
+
+    # --- one-call helpers for adapters and direct use --------------------------------------
+
+    def call(self, token: TokenLike, call: ToolCall, fn: Callable[..., Any]) -> Screened:
+        """Authorize, run ``fn(**checked_arguments)`` only on allow, screen, complete.
+
+        Raises :class:`AuthorizationDenied` on deny or approval_required.
+        """
+        decision = self.enforce(token, call)
+        try:
+            output = fn(**decision.arguments)
+        except Exception:
+            self.complete(decision, "error")
+            raise
+        screened = self.screen(decision, output)
+        self.complete(decision, "success")
+        return screened
+
+    async def acall(self, token: TokenLike, call: ToolCall,
+                    fn: Callable[..., Awaitable[Any]]) -> Screened:
+        """Async variant of :meth:`call`."""
+        decision = self.enforce(token, call)
+        try:
+            output = await fn(**decision.arguments)
+        except Exception:
+            self.complete(decision, "error")
+            raise
+        screened = self.screen(decision, output)
+        self.complete(decision, "success")
+        return screened
+
+    # --- audit plumbing -----------------------------------------------------------------
+
+    def _identity_audit(self, identity: ExecutionIdentity, audit: dict[str, Any]) -> None:
+        audit.update(
+            execution_id=identity.execution_id, jti=identity.jti, issuer=identity.issuer,
+            chain=identity.chain(), delegator=identity.delegator_id,
+            agent_id=identity.agent_id, purpose=identity.purpose,
+        )
+
+    def _session_audit(self, admitted: AdmitResult, identity: ExecutionIdentity,
+                       audit: dict[str, Any], after_call: int = 0) -> None:
+        session = admitted.session
+        audit["session"] = {
+            "call_count": session.call_count + (1 if admitted.outcome == "admitted" else 0),
+            "risk": session.risk + after_call,
+            "risk_envelope": identity.risk_envelope,
+            "budget_remaining": {k: v for k, v in admitted.remaining.items() if k != "risk"},
+            "labels": sorted(session.labels),
+            "tainted": bool(session.tainted_by) or "tainted" in session.labels,
+        }
+
+    def _session_snapshot(self, identity: ExecutionIdentity) -> dict[str, Any]:
+        session = self.store.session_state(identity.key)
+        remaining = self.store.remaining(identity.key, identity.budget.as_dict())
+        return {
+            "call_count": session.call_count, "risk": session.risk,
+            "risk_envelope": identity.risk_envelope,
+            "budget_remaining": {k: v for k, v in remaining.items() if k != "risk"},
+            "labels": sorted(session.labels),
+            "tainted": bool(session.tainted_by) or "tainted" in session.labels,
+        }
+
+    @staticmethod
+    def _audit_base(audit: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(audit)
+
+    def _record_decision(self, decision: Decision, call: ToolCall,
+                         audit: dict[str, Any]) -> None:
+        if self.recorder is None:
+            return
+        reasoning = call.reasoning
+        fields = dict(audit)
+        fields["decision"] = decision.to_json()
+        fields["reasoning"] = {
+            "message": reasoning.message, "model": reasoning.model,
+            "run_id": reasoning.run_id, "parent_run_id": reasoning.parent_run_id,
+            "response_id": reasoning.response_id,
+        }
+        if reasoning.trace_id or reasoning.span_id:
+            fields["trace"] = {"trace_id": reasoning.trace_id, "span_id": reasoning.span_id}
+        fields["framework"] = call.framework or self.config.framework
+        if decision.approval_id:
+            fields["extra"] = {"approval_id": decision.approval_id}
+        self.recorder.record("tool_call.decided", **fields)
+        with self._lock:
+            pending = self._pending.get(decision.call_id)
+            if pending is not None:
+                pending.audit.update(reasoning=fields["reasoning"],
+                                     framework=fields["framework"],
+                                     **({"trace": fields["trace"]} if "trace" in fields else {}))
+
+    def _deny(self, call: ToolCall, code: str, message: str, audit: dict[str, Any],
+              identity: ExecutionIdentity | None = None, tool: ToolSpec | None = None) -> Decision:
+        return Decision("deny", (Reason(code, message),), call.call_id or "", call.name,
+                        tool.action if tool else None,
+                        identity.execution_id if identity else None)
+
+    def _release_quietly(self, reservation_id: str) -> None:
+        try:
+            self.store.release(reservation_id)
+        except Exception:  # noqa: BLE001 - an unsettled reservation also expires on its own
+            log.warning("could not release reservation %s", reservation_id)
+
+    def _screen_config(self, agent_id: str, tool: ToolSpec) -> ScreenConfig:
+        key = (agent_id, tool.name)
+        config = self._screen_configs.get(key)
+        if config is None:
+            config = ScreenConfig.from_mapping(tool.screening)
+            self._screen_configs[key] = config
+        return config
+
+    def close(self) -> None:
+        self.policy.close()
+        self.store.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+def _to_text(output: object) -> str:
+    try:
+        return canonical_json(output)
+    except (TypeError, ValueError):
+        return str(output)
+

@@ -1,0 +1,57 @@
+"""House rules 1 and 2: one public import path, and a framework-free core."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import agentic_iam
+from agentic_iam import errors
+
+
+def test_every_exception_is_exported_at_the_top() -> None:
+    classes = {name for name, obj in vars(errors).items()
+               if inspect.isclass(obj) and issubclass(obj, errors.AgenticIAMError)}
+    assert classes, "the error module defines the tree"
+    missing = classes - set(agentic_iam.__all__)
+    assert not missing, f"not exported from agentic_iam: {sorted(missing)}"
+    for name in classes:
+        assert getattr(agentic_iam, name) is getattr(errors, name)
+
+
+def test_every_error_derives_from_the_one_base() -> None:
+    for name in errors.__all__:
+        obj = getattr(errors, name)
+        assert issubclass(obj, errors.AgenticIAMError), name
+
+
+def test_all_names_resolve() -> None:
+    for name in agentic_iam.__all__:
+        assert hasattr(agentic_iam, name), name
+
+
+FRAMEWORKS = ("langchain", "langchain_core", "langgraph", "llama_index", "agents", "openai",
+              "redis", "opentelemetry")
+
+
+def test_core_imports_no_agent_framework() -> None:
+    code = (
+        "import sys, agentic_iam, agentic_iam.cli\n"
+        "import agentic_iam.core.guard, agentic_iam.core.broker, agentic_iam.core.provenance\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "", f"the core imported: {out.stdout.strip()}"
+
+
+def test_core_sources_never_import_a_framework() -> None:
+    import pathlib
+
+    root = pathlib.Path(agentic_iam.__file__).parent / "core"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for framework in ("langchain", "langgraph", "llama_index", "from agents", "import agents"):
+            assert framework not in text, f"{path} mentions {framework}"
