@@ -1,0 +1,718 @@
+"""SQLite store: one host, many processes (and threads) sharing one database file.
+
+Each operation is one transaction. Operations that change state start with ``BEGIN IMMEDIATE``,
+which takes the database's single write lock before the first read, so a check and the change
+that depends on it can never interleave with another writer (the budget race in
+``shared/reference/security-findings.md`` §0.5). WAL mode lets readers run beside the writer.
+Waiting for the lock is bounded by ``timeout_s`` (SQLite's busy timeout); a lock held longer, or
+any other SQLite error, is a :class:`~agentic_iam.errors.StoreUnavailableError`, which the Guard
+turns into a deny.
+
+Each thread of each process gets its own connection (``sqlite3`` connections must not be shared
+across threads mid-transaction, and never across ``fork``). This module must never hold a
+transaction open across a call back into the caller, and never put a database on a network
+file system (SQLite's locking is not reliable there: use :class:`RedisStore`).
+
+Durability: ``synchronous=NORMAL`` in WAL mode survives a process crash but may lose the last
+transactions on power loss (a few milliseconds of spend), a deliberate trade of ~120 us/call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from agentic_iam.core.store.base import (
+    DEFAULT_STATE_TTL_S,
+    REVOCATION_GRACE_S,
+    AdmitRequest,
+    AdmitResult,
+    SessionState,
+    add_taint,
+    approval_record,
+    better_label,
+    check_admit,
+    check_amounts,
+    check_bound,
+    check_int,
+    check_key,
+    check_label,
+    check_limits,
+    check_positive,
+    distinct_grants,
+    dump_json,
+    gcra,
+    make_result,
+    make_session,
+    remaining_of,
+    result_dims,
+    settled_amount,
+)
+from agentic_iam.errors import ApprovalError, StoreError, StoreUnavailableError
+
+__all__ = ["SqliteStore"]
+
+_T = TypeVar("_T")
+
+_SCHEMA_VERSION = "1"
+
+# Purge stale rows at most this often per connection (seconds).
+_PURGE_EVERY_S = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budgets (
+    grant_key TEXT NOT NULL, dim TEXT NOT NULL,
+    spent INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+    touched REAL NOT NULL,
+    PRIMARY KEY (grant_key, dim)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY, session TEXT NOT NULL, action TEXT NOT NULL,
+    grants TEXT NOT NULL, amounts TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
+CREATE INDEX IF NOT EXISTS reservations_session ON reservations (session);
+CREATE TABLE IF NOT EXISTS sessions (
+    session TEXT PRIMARY KEY,
+    call_count INTEGER NOT NULL DEFAULT 0, risk INTEGER NOT NULL DEFAULT 0,
+    labels TEXT NOT NULL DEFAULT '[]', tainted_by TEXT NOT NULL DEFAULT '[]',
+    touched REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_actions (
+    session TEXT NOT NULL, action TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (session, action)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name TEXT PRIMARY KEY, tat REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revocations (
+    name TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, session TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_session ON events (session, seq);
+CREATE TABLE IF NOT EXISTS value_labels (
+    session TEXT NOT NULL, digest TEXT NOT NULL, label TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (session, digest)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS value_labels_order ON value_labels (session, seq);
+CREATE TABLE IF NOT EXISTS approvals (
+    request_id TEXT PRIMARY KEY, binding TEXT NOT NULL, status TEXT NOT NULL,
+    approver TEXT, payload TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding);
+CREATE INDEX IF NOT EXISTS approvals_expiry ON approvals (expires_at);
+"""
+
+
+class _Local(threading.local):
+    """This thread's connection, and the pid that opened it (a forked child must reopen)."""
+
+    conn: sqlite3.Connection | None = None
+    pid: int = 0
+    last_purge: float = 0.0
+
+
+class SqliteStore:
+    """A :class:`~agentic_iam.core.store.base.Store` in one SQLite file shared by processes.
+
+    ``timeout_s`` bounds every wait for the write lock. ``clock`` (unix seconds) must be the
+    same wall clock in every process that shares the file; tests may pass a fake one.
+    ``state_ttl_s``: sessions and budgets not written for that long are purged.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        state_ttl_s: float = DEFAULT_STATE_TTL_S,
+    ) -> None:
+        self._path = os.fspath(path)
+        self._timeout_s = check_positive(timeout_s, "timeout_s")
+        self._clock = clock
+        self._state_ttl_s = check_positive(state_ttl_s, "state_ttl_s")
+        self._local = _Local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._run("open", self._create_schema)
+        except BaseException:
+            self.close()  # do not leak the connection of a store that never opened
+            raise
+
+    # --- connection and transaction plumbing ---------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        if local.conn is not None and local.pid == os.getpid():
+            return local.conn
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the sqlite3
+        # module never opens an implicit (deferred) transaction behind our back.
+        conn = sqlite3.connect(
+            self._path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        local.conn, local.pid, local.last_purge = conn, os.getpid(), 0.0
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _run(
+        self,
+        op: str,
+        body: Callable[[sqlite3.Connection, float], _T],
+        *,
+        write: bool = True,
+    ) -> _T:
+        """Run ``body`` in one transaction; any SQLite error becomes StoreUnavailableError."""
+        if self._closed:
+            raise StoreError(f"sqlite store: `{op}` called after close()")
+        try:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(
+                f"sqlite store `{self._path}`: `{op}` could not start a transaction "
+                f"within {self._timeout_s}s: {exc}"
+            ) from exc
+        try:
+            result = body(conn, self._clock())
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):  # the original error is the one to report
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailableError(
+                    f"sqlite store `{self._path}`: `{op}` failed: {exc}"
+                ) from exc
+            raise
+        return result
+
+    def _create_schema(self, conn: sqlite3.Connection, now: float) -> None:
+        # Statement by statement: executescript() would COMMIT our BEGIN IMMEDIATE first.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
+        )
+        row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if row[0] != _SCHEMA_VERSION:
+            raise StoreError(
+                f"sqlite store `{self._path}` has schema version {row[0]}, "
+                f"this library needs {_SCHEMA_VERSION}"
+            )
+
+    # --- internals (inside a write transaction) ------------------------------------------------
+
+    def _finish(
+        self, conn: sqlite3.Connection, rid: str, actual: Mapping[str, int] | None, now: float
+    ) -> None:
+        """Settle (``actual`` given) or release (None) a reservation; expired ones are released."""
+        row = conn.execute(
+            "SELECT session, action, grants, amounts, expires_at FROM reservations WHERE id = ?",
+            (rid,),
+        ).fetchone()
+        if row is None:
+            return
+        session, action, grants_json, amounts_json, expires_at = row
+        if expires_at <= now:
+            actual = None  # expired: its amounts already belong back to the grants
+        grants: list[str] = json.loads(grants_json)
+        amounts: dict[str, int] = json.loads(amounts_json)
+        risk_back = 0
+        for dim, reserved in amounts.items():
+            charged = 0 if actual is None else settled_amount(reserved, actual.get(dim))
+            conn.executemany(
+                "UPDATE budgets SET reserved = MAX(reserved - ?, 0), spent = spent + ?, touched = ?"
+                " WHERE grant_key = ? AND dim = ?",
+                [(reserved, charged, now, grant, dim) for grant in grants],
+            )
+            if dim == "risk":
+                risk_back = reserved - charged
+        if actual is None:  # release: the call never counted
+            conn.execute(
+                "UPDATE sessions SET call_count = MAX(call_count - 1, 0),"
+                " risk = MAX(risk - ?, 0) WHERE session = ?",
+                (risk_back, session),
+            )
+            conn.execute(
+                "UPDATE session_actions SET count = count - 1 WHERE session = ? AND action = ?",
+                (session, action),
+            )
+            conn.execute(
+                "DELETE FROM session_actions WHERE session = ? AND action = ? AND count <= 0",
+                (session, action),
+            )
+        elif risk_back:
+            conn.execute(
+                "UPDATE sessions SET risk = MAX(risk - ?, 0) WHERE session = ?",
+                (risk_back, session),
+            )
+        conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+
+    def _maintain(self, conn: sqlite3.Connection, now: float) -> None:
+        """Release expired reservations; now and then purge what nobody needs any more."""
+        expired = conn.execute(
+            "SELECT id FROM reservations WHERE expires_at <= ? ORDER BY expires_at", (now,)
+        ).fetchall()
+        for (rid,) in expired:
+            self._finish(conn, rid, None, now)
+        if now - self._local.last_purge < _PURGE_EVERY_S:
+            return
+        self._local.last_purge = now
+        cutoff = now - self._state_ttl_s
+        stale = (
+            "SELECT session FROM sessions WHERE touched < ?"
+            " AND session NOT IN (SELECT session FROM reservations)"
+        )
+        for table in ("session_actions", "events", "value_labels"):
+            conn.execute(f"DELETE FROM {table} WHERE session IN ({stale})", (cutoff,))
+        conn.execute(f"DELETE FROM sessions WHERE session IN ({stale})", (cutoff,))
+        conn.execute("DELETE FROM budgets WHERE touched < ? AND reserved = 0", (cutoff,))
+        conn.execute("DELETE FROM rate_limits WHERE tat <= ?", (now,))
+        conn.execute("DELETE FROM revocations WHERE until <= ?", (now,))
+        conn.execute("DELETE FROM approvals WHERE expires_at <= ?", (now,))
+
+    @staticmethod
+    def _budget(conn: sqlite3.Connection, grant: str) -> tuple[dict[str, int], dict[str, int]]:
+        spent: dict[str, int] = {}
+        reserved: dict[str, int] = {}
+        for dim, s, r in conn.execute(
+            "SELECT dim, spent, reserved FROM budgets WHERE grant_key = ?", (grant,)
+        ):
+            spent[dim], reserved[dim] = s, r
+        return spent, reserved
+
+    @staticmethod
+    def _session_state(conn: sqlite3.Connection, session: str) -> SessionState:
+        row = conn.execute(
+            "SELECT call_count, risk, labels, tainted_by FROM sessions WHERE session = ?",
+            (session,),
+        ).fetchone()
+        if row is None:
+            return make_session(0, {}, (), 0, ())
+        actions = dict(
+            conn.execute(
+                "SELECT action, count FROM session_actions WHERE session = ?", (session,)
+            ).fetchall()
+        )
+        return make_session(row[0], actions, json.loads(row[2]), row[1], json.loads(row[3]))
+
+    @staticmethod
+    def _touch_session(conn: sqlite3.Connection, session: str, now: float) -> None:
+        conn.execute(
+            "INSERT INTO sessions (session, touched) VALUES (?, ?)"
+            " ON CONFLICT (session) DO UPDATE SET touched = excluded.touched",
+            (session, now),
+        )
+
+    # --- budgets and rate limits ------------------------------------------------------------
+
+    def admit(self, request: AdmitRequest) -> AdmitResult:
+        check_admit(request)
+        amounts = dict(request.amounts)
+        positive = {dim: amount for dim, amount in amounts.items() if amount > 0}
+        grants = distinct_grants(request.charges)
+        dims = result_dims(request)
+        calling_limits = (
+            check_limits(request.charges[0].limits, "limits") if request.charges else {}
+        )
+
+        def body(conn: sqlite3.Connection, now: float) -> AdmitResult:
+            self._maintain(conn, now)
+            if conn.execute(
+                "SELECT 1 FROM reservations WHERE id = ?", (request.reservation_id,)
+            ).fetchone():
+                raise StoreError(f"reservation `{request.reservation_id}` already exists")
+            before = self._session_state(conn, request.session)
+            budgets = {grant: self._budget(conn, grant) for grant in grants}
+
+            def current() -> dict[str, int | None]:
+                spent, reserved = budgets[grants[0]] if grants else ({}, {})
+                return remaining_of(dims, calling_limits, spent, reserved)
+
+            for key in request.revocation_keys:
+                if conn.execute(
+                    "SELECT 1 FROM revocations WHERE name = ? AND until > ?", (key, now)
+                ).fetchone():
+                    return make_result("revoked", key, 0.0, current(), before)
+
+            new_tats: dict[str, float] = {}
+            refused: str | None = None
+            retry_after = 0.0
+            for rate in request.rate_limits:
+                if rate.key in new_tats:
+                    tat: float | None = new_tats[rate.key]
+                else:
+                    row = conn.execute(
+                        "SELECT tat FROM rate_limits WHERE name = ?", (rate.key,)
+                    ).fetchone()
+                    tat = None if row is None else row[0]
+                allowed, new_tat, wait = gcra(tat, now, rate.per_second, rate.burst)
+                if allowed:
+                    new_tats[rate.key] = new_tat
+                else:
+                    refused = refused or rate.key
+                    retry_after = max(retry_after, wait)
+            if refused is not None:
+                return make_result("rate_limited", refused, retry_after, current(), before)
+
+            for charge in request.charges:
+                spent, reserved = budgets[charge.grant]
+                for dim, limit in sorted(charge.limits.items()):
+                    if limit is None:
+                        continue
+                    if spent.get(dim, 0) + reserved.get(dim, 0) + amounts.get(dim, 0) > limit:
+                        return make_result(
+                            "budget_exhausted", f"{charge.grant}|{dim}", 0.0, current(), before
+                        )
+
+            # Every check passed: only now change anything.
+            conn.executemany(
+                "INSERT INTO rate_limits (name, tat) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET tat = excluded.tat",
+                list(new_tats.items()),
+            )
+            conn.executemany(
+                "INSERT INTO budgets (grant_key, dim, reserved, touched) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (grant_key, dim) DO UPDATE"
+                " SET reserved = reserved + excluded.reserved, touched = excluded.touched",
+                [(g, dim, amount, now) for g in grants for dim, amount in positive.items()],
+            )
+            for grant in grants:
+                _, reserved = budgets[grant]
+                for dim, amount in positive.items():
+                    reserved[dim] = reserved.get(dim, 0) + amount
+            conn.execute(
+                "INSERT INTO sessions (session, call_count, risk, touched) VALUES (?, 1, ?, ?)"
+                " ON CONFLICT (session) DO UPDATE SET call_count = call_count + 1,"
+                " risk = risk + excluded.risk, touched = excluded.touched",
+                (request.session, positive.get("risk", 0), now),
+            )
+            conn.execute(
+                "INSERT INTO session_actions (session, action, count) VALUES (?, ?, 1)"
+                " ON CONFLICT (session, action) DO UPDATE SET count = count + 1",
+                (request.session, request.action),
+            )
+            conn.execute(
+                "INSERT INTO reservations (id, session, action, grants, amounts, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    request.reservation_id,
+                    request.session,
+                    request.action,
+                    json.dumps(list(grants)),
+                    json.dumps(positive),
+                    now + request.reservation_ttl_s,
+                ),
+            )
+            return make_result("admitted", "", 0.0, current(), before)
+
+        return self._run("admit", body)
+
+    def settle(self, reservation_id: str, actual: Mapping[str, int]) -> None:
+        check_key(reservation_id, "reservation_id")
+        actual = check_amounts(actual, "actual")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            self._maintain(conn, now)
+            self._finish(conn, reservation_id, actual, now)
+
+        self._run("settle", body)
+
+    def release(self, reservation_id: str) -> None:
+        check_key(reservation_id, "reservation_id")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            self._maintain(conn, now)
+            self._finish(conn, reservation_id, None, now)
+
+        self._run("release", body)
+
+    def charge(self, grants: Sequence[str], amounts: Mapping[str, int]) -> None:
+        grant_keys = tuple(dict.fromkeys(check_key(g, "grants[]") for g in grants))
+        amounts = check_amounts(amounts, "amounts")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            conn.executemany(
+                "INSERT INTO budgets (grant_key, dim, spent, touched) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (grant_key, dim) DO UPDATE"
+                " SET spent = spent + excluded.spent, touched = excluded.touched",
+                [(g, dim, amount, now) for g in grant_keys for dim, amount in amounts.items()],
+            )
+
+        self._run("charge", body)
+
+    def remaining(self, grant: str, limits: Mapping[str, int | None]) -> Mapping[str, int | None]:
+        check_key(grant, "grant")
+        limits = check_limits(limits, "limits")
+
+        def body(conn: sqlite3.Connection, now: float) -> dict[str, int | None]:
+            self._maintain(conn, now)  # expired reservations must not count
+            spent, reserved = self._budget(conn, grant)
+            return remaining_of(limits, limits, spent, reserved)
+
+        return self._run("remaining", body)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def add_risk(
+        self,
+        session: str,
+        amount: int,
+        labels: Iterable[str] = (),
+        tainted_by: str | None = None,
+    ) -> SessionState:
+        check_key(session, "session")
+        check_int(amount, "amount")
+        label_set = {check_key(label, "labels[]") for label in labels}
+        if tainted_by is not None:
+            check_key(tainted_by, "tainted_by")
+
+        def body(conn: sqlite3.Connection, now: float) -> SessionState:
+            self._maintain(conn, now)
+            self._touch_session(conn, session, now)
+            row = conn.execute(
+                "SELECT labels, tainted_by FROM sessions WHERE session = ?", (session,)
+            ).fetchone()
+            new_labels = sorted(set(json.loads(row[0])) | label_set)
+            new_taint = add_taint(json.loads(row[1]), tainted_by)
+            conn.execute(
+                "UPDATE sessions SET risk = risk + ?, labels = ?, tainted_by = ? WHERE session = ?",
+                (amount, json.dumps(new_labels), json.dumps(new_taint), session),
+            )
+            return self._session_state(conn, session)
+
+        return self._run("add_risk", body)
+
+    def session_state(self, session: str) -> SessionState:
+        check_key(session, "session")
+
+        def body(conn: sqlite3.Connection, now: float) -> SessionState:
+            self._maintain(conn, now)  # expired reservations must not count
+            return self._session_state(conn, session)
+
+        return self._run("session_state", body)
+
+    def append_event(
+        self, session: str, event: Mapping[str, Any], *, max_events: int = 256
+    ) -> None:
+        check_key(session, "session")
+        check_bound(max_events, "max_events")
+        text = dump_json(event, "event")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            self._touch_session(conn, session, now)
+            conn.execute("INSERT INTO events (session, body) VALUES (?, ?)", (session, text))
+            conn.execute(
+                "DELETE FROM events WHERE session = ? AND seq <= (SELECT seq FROM events"
+                " WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (session, session, max_events),
+            )
+
+        self._run("append_event", body)
+
+    def events(self, session: str) -> list[dict[str, Any]]:
+        check_key(session, "session")
+
+        def body(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT body FROM events WHERE session = ? ORDER BY seq", (session,)
+            ).fetchall()
+            return [json.loads(text) for (text,) in rows]
+
+        return self._run("events", body, write=False)
+
+    def add_values(
+        self, session: str, digests: Mapping[str, str], *, max_values: int = 4096
+    ) -> None:
+        check_key(session, "session")
+        check_bound(max_values, "max_values")
+        items = [(check_key(d, "digest"), check_label(label)) for d, label in digests.items()]
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            self._touch_session(conn, session, now)
+            (seq,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM value_labels WHERE session = ?", (session,)
+            ).fetchone()
+            for digest, label in items:
+                seq += 1
+                row = conn.execute(
+                    "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
+                    (session, digest),
+                ).fetchone()
+                conn.execute(
+                    "INSERT OR REPLACE INTO value_labels (session, digest, label, seq)"
+                    " VALUES (?, ?, ?, ?)",
+                    (session, digest, better_label(None if row is None else row[0], label), seq),
+                )
+            conn.execute(
+                "DELETE FROM value_labels WHERE session = ? AND seq <= (SELECT seq FROM"
+                " value_labels WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (session, session, max_values),
+            )
+
+        self._run("add_values", body)
+
+    def value_labels(self, session: str, digests: Sequence[str]) -> Mapping[str, str]:
+        check_key(session, "session")
+        wanted = list(dict.fromkeys(digests))
+
+        def body(conn: sqlite3.Connection, now: float) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for digest in wanted:
+                row = conn.execute(
+                    "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
+                    (session, digest),
+                ).fetchone()
+                if row is not None:
+                    found[digest] = row[0]
+            return found
+
+        return self._run("value_labels", body, write=False)
+
+    # --- revocation ---------------------------------------------------------------------------
+
+    def revoke(self, key: str, *, expires_at: int) -> None:
+        check_key(key, "key")
+        check_int(expires_at, "expires_at")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            until = max(float(expires_at), now) + REVOCATION_GRACE_S
+            conn.execute(
+                "INSERT INTO revocations (name, until) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET until = MAX(until, excluded.until)",
+                (key, until),
+            )
+
+        self._run("revoke", body)
+
+    def revoked(self, keys: Sequence[str]) -> frozenset[str]:
+        wanted = list(dict.fromkeys(keys))
+
+        def body(conn: sqlite3.Connection, now: float) -> frozenset[str]:
+            return frozenset(
+                key
+                for key in wanted
+                if conn.execute(
+                    "SELECT 1 FROM revocations WHERE name = ? AND until > ?", (key, now)
+                ).fetchone()
+            )
+
+        return self._run("revoked", body, write=False)
+
+    # --- approvals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _approval(conn: sqlite3.Connection, request_id: str, now: float) -> dict[str, Any] | None:
+        row = conn.execute(
+            "SELECT request_id, binding, status, approver, payload, created_at, expires_at"
+            " FROM approvals WHERE request_id = ? AND expires_at > ?",
+            (request_id, now),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def put_approval(
+        self, request_id: str, binding: str, payload: Mapping[str, Any], *, ttl_s: float
+    ) -> None:
+        check_key(request_id, "request_id")
+        check_key(binding, "binding")
+        ttl = check_positive(ttl_s, "ttl_s")
+        text = dump_json(payload, "payload")
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(
+                "DELETE FROM approvals WHERE request_id = ? AND expires_at <= ?", (request_id, now)
+            )
+            if conn.execute(
+                "SELECT 1 FROM approvals WHERE request_id = ?", (request_id,)
+            ).fetchone():
+                raise ApprovalError(f"approval request `{request_id}` already exists")
+            conn.execute(
+                "INSERT INTO approvals (request_id, binding, status, approver, payload,"
+                " created_at, expires_at) VALUES (?, ?, 'pending', NULL, ?, ?, ?)",
+                (request_id, binding, text, now, now + ttl),
+            )
+
+        self._run("put_approval", body)
+
+    def resolve_approval(
+        self, request_id: str, *, approved: bool, approver: str
+    ) -> Mapping[str, Any]:
+        check_key(approver, "approver")
+
+        def body(conn: sqlite3.Connection, now: float) -> Mapping[str, Any]:
+            record = self._approval(conn, request_id, now)
+            if record is None:
+                raise ApprovalError(f"approval request `{request_id}` is unknown or expired")
+            if record["status"] != "pending":
+                raise ApprovalError(
+                    f"approval request `{request_id}` was already resolved ({record['status']})"
+                )
+            record["status"] = "approved" if approved else "denied"
+            record["approver"] = approver
+            conn.execute(
+                "UPDATE approvals SET status = ?, approver = ? WHERE request_id = ?",
+                (record["status"], approver, request_id),
+            )
+            return record
+
+        return self._run("resolve_approval", body)
+
+    def consume_approval(self, binding: str) -> bool:
+        def body(conn: sqlite3.Connection, now: float) -> bool:
+            row = conn.execute(
+                "SELECT request_id FROM approvals WHERE binding = ? AND status = 'approved'"
+                " AND expires_at > ? ORDER BY created_at LIMIT 1",
+                (binding, now),
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE approvals SET status = 'consumed' WHERE request_id = ?", (row[0],))
+            return True
+
+        return self._run("consume_approval", body)
+
+    def get_approval(self, request_id: str) -> Mapping[str, Any] | None:
+        return self._run(
+            "get_approval", lambda conn, now: self._approval(conn, request_id, now), write=False
+        )
+
+    def list_approvals(self, status: str | None = None) -> list[Mapping[str, Any]]:
+        def body(conn: sqlite3.Connection, now: float) -> list[Mapping[str, Any]]:
+            rows = conn.execute(
+                "SELECT request_id, binding, status, approver, payload, created_at, expires_at"
+                " FROM approvals WHERE expires_at > ? AND (? IS NULL OR status = ?)"
+                " ORDER BY created_at",
+                (now, status, status),
+            ).fetchall()
+            return [_record(row) for row in rows]
+
+        return self._run("list_approvals", body, write=False)
+
+    def close(self) -> None:
+        """Close every connection this store opened, in any thread."""
+        self._closed = True
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local.conn = None
+
+
+def _record(row: tuple[Any, ...]) -> dict[str, Any]:
+    request_id, binding, status, approver, payload, created_at, expires_at = row
+    return approval_record(
+        request_id, binding, status, approver, json.loads(payload), created_at, expires_at
+    )
