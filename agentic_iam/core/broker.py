@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 
+from agentic_iam.core.approvals import canonical_json
 from agentic_iam.core.capabilities import Capability, CapabilitySet, action_covers, parse_capability
 from agentic_iam.core.identity import DIMENSIONS, Actor, AgentSpec, Budget, ExecutionIdentity, Human
 from agentic_iam.core.identity import Principal, Workload
@@ -226,7 +227,8 @@ class DelegationBroker:
                     rule=f"agents.{agent.id}.tools",
                 )
 
-    def _mint(self, identity: ExecutionIdentity, event: str, **extra: Any) -> ExecutionToken:
+    def _mint(self, identity: ExecutionIdentity, event: str,
+              parent_execution_id: str | None = None) -> ExecutionToken:
         token = mint_token(identity, self.keys)
         if self.recorder is not None:
             self.recorder.record(
@@ -239,7 +241,10 @@ class DelegationBroker:
                 agent_id=identity.agent_id,
                 purpose=identity.purpose,
                 capabilities=[c.describe() for c in identity.capabilities],
-                extra={"expires_at": str(identity.expires_at), **extra},
+                parent_execution_id=parent_execution_id,
+                extra={"expires_at": str(identity.expires_at),
+                       "budget": canonical_json(identity.budget.as_dict()),
+                       "risk_envelope": str(identity.risk_envelope)},
             )
         return token
 
@@ -283,7 +288,14 @@ class DelegationBroker:
                 f"ttl {seconds}s exceeds the maximum of {min(spec.max_ttl_s, self.max_ttl_s)}s "
                 f"for agent `{agent}`", limit="ttl",
             )
-        grant = _budget(budget) or spec.max_budget
+        requested = _budget(budget) or spec.max_budget
+        # A dimension the caller leaves open takes the agent's maximum: never unlimited when
+        # the registry limits it.
+        grant = Budget(**{
+            name: getattr(requested, name) if getattr(requested, name) is not None
+            else getattr(spec.max_budget, name)
+            for name in DIMENSIONS
+        })
         over = grant.within(spec.max_budget)
         if over is not None:
             raise LimitExceededError(
@@ -369,7 +381,10 @@ class DelegationBroker:
         values: dict[str, int | None] = {}
         for name in DIMENSIONS:
             left = remaining.get(name)
-            mine = getattr(requested, name) if requested is not None else left
+            mine = getattr(requested, name) if requested is not None else None
+            if mine is None:
+                # An open dimension inherits what is left of the parent's: never wider.
+                mine = left
             agent_max = getattr(spec.max_budget, name)
             if left is not None and (mine is None or mine > left):
                 raise WideningError(
@@ -377,7 +392,7 @@ class DelegationBroker:
                     widened=f"budget.{name}",
                 )
             if agent_max is not None and (mine is None or mine > agent_max):
-                if requested is None and mine is None:
+                if requested is None or getattr(requested, name) is None:
                     mine = agent_max
                 else:
                     raise LimitExceededError(

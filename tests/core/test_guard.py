@@ -16,6 +16,7 @@ from agentic_iam import (
     PolicyRequest,
     PolicyResult,
     ReasoningContext,
+    Recorder,
     ToolCall,
 )
 from agentic_iam.core.decision import Reason
@@ -179,7 +180,7 @@ def test_audit_failure_denies(env: Env) -> None:
 
         def close(self) -> None: ...
 
-    env.guard.recorder.sinks = [FailingSink()]  # type: ignore[union-attr]
+    env.guard.recorder = Recorder([FailingSink()])
     token = env.refund_token()
     decision = env.guard.authorize(token, refund(10))
     assert decision.outcome == "deny"
