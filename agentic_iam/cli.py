@@ -46,7 +46,10 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(approvals_app, name="approvals")
 
 console = Console()
-err = Console(stderr=True)
+if not console.is_terminal:
+    # Piped output keeps whole ids on one line instead of folding them at 80 columns.
+    console = Console(width=160)
+err = Console(stderr=True, width=160)
 
 DEFAULT_AUDIENCE = "agentic-iam"
 RegistryOpt = Annotated[Path | None, typer.Option(
@@ -521,6 +524,33 @@ def approvals_deny(request_id: str, store: StoreOpt = "sqlite:aiam-store.db",
                    os.environ.get("USER", "cli")) -> None:
     """Deny one pending request."""
     _resolve(request_id, store, approver, False)
+
+
+@app.command("demo")
+@friendly
+def demo(
+    framework: Annotated[list[str] | None, typer.Option(
+        "--framework", "-f", help="core, langchain, llama_index or openai_agents (repeatable) "
+        "[default: every installed one].")] = None,
+    audit: Annotated[Path | None, typer.Option(help="Write the audit log here "
+                                               "[default: a temporary file].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+) -> None:
+    """Run Alice's refund story end to end, offline, through every installed adapter."""
+    from agentic_iam.demo.run import main as demo_main
+
+    raise typer.Exit(demo_main(framework, audit, as_json))
+
+
+@app.command("bench")
+@friendly
+def bench() -> None:
+    """Run every benchmark and print one table of ratios (takes a minute or two)."""
+    try:
+        from benchmarks.__main__ import main as bench_main  # type: ignore[import-not-found]
+    except ImportError:
+        _fail("the benchmarks ship with the source checkout: run `python -m benchmarks` there")
+    bench_main()
 
 
 def _mount_optional() -> None:

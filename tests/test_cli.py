@@ -1,0 +1,181 @@
+"""The `aiam` command: the mission's example from the CLI, and one clear line on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agentic_iam.cli import app
+
+runner = CliRunner()
+
+
+def aiam(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.json"
+    code, out, _ = aiam("keys", "generate", "--issuer", "https://broker.cli", "--out", str(path))
+    assert code == 0, out
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    return path
+
+
+def test_mission_example_from_the_cli(keyfile: Path, tmp_path: Path) -> None:
+    code, token, err = aiam("delegate", "--keys", str(keyfile), "--agent", "support-agent",
+                            "--purpose", "refund T-1042", "--ttl", "15m",
+                            "--allow", "refund:create amount<=100", "--allow", "ticket:read")
+    assert code == 0, err
+    token = token.strip()
+    code, out, _ = aiam("token", "inspect", token, "--json")
+    claims = json.loads(out)["payload"]
+    assert [c["action"] for c in claims["cap"]] == ["refund:create", "ticket:read"]
+    assert claims["cap"][0]["constraints"] == {"amount": {"max": 100}}
+    assert claims["exp"] - claims["iat"] == 900
+    assert claims["delegator"]["sub"] == "alice@example.com"
+    code, out, _ = aiam("token", "verify", token, "--keys", str(keyfile))
+    assert code == 0 and "valid" in out
+
+    # a narrower sub-delegation, and both hops in the inspected chain
+    code, child, err = aiam("subdelegate", "--keys", str(keyfile), "--parent", token,
+                            "--agent", "refund-bot", "--allow", "refund:create amount<=20",
+                            "--ttl", "5m", "--budget", "tool_calls=3", "--budget", "cost=100")
+    assert code == 0, err
+    code, out, _ = aiam("token", "inspect", child.strip())
+    assert code == 0
+    assert "support-agent" in out and "refund-bot" in out and "2 hop(s)" in out
+
+
+def test_account_delete_is_refused_from_the_cli(keyfile: Path) -> None:
+    code, out, err = aiam("delegate", "--keys", str(keyfile), "--agent", "support-agent",
+                          "--allow", "account:delete")
+    assert code != 0
+    assert "account:delete" in err and "agents.support-agent.tools" in err
+    assert "Traceback" not in err + out
+
+
+def test_widening_subdelegation_is_refused_from_the_cli(keyfile: Path) -> None:
+    _, token, _ = aiam("delegate", "--keys", str(keyfile), "--agent", "support-agent",
+                       "--allow", "refund:create amount<=100")
+    code, out, err = aiam("subdelegate", "--keys", str(keyfile), "--parent", token.strip(),
+                          "--agent", "refund-bot", "--allow", "refund:create amount<=500")
+    assert code != 0 and "amount" in err and "Traceback" not in err + out
+
+
+def test_verify_fails_with_the_reason(keyfile: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    aiam("keys", "generate", "--issuer", "https://broker.cli", "--out", str(other))
+    _, token, _ = aiam("delegate", "--keys", str(other), "--agent", "support-agent",
+                       "--allow", "ticket:read")
+    code, _, err = aiam("token", "verify", token.strip(), "--keys", str(keyfile))
+    assert code == 1 and "UnknownKeyError" in err
+    code, _, err = aiam("token", "verify", "garbage", "--keys", str(keyfile))
+    assert code == 1 and "MalformedTokenError" in err
+
+
+def test_agents_list_and_show() -> None:
+    code, out, _ = aiam("agents", "list")
+    assert code == 0 and "support-agent" in out and "reconcile-agent" in out
+    code, out, _ = aiam("agents", "show", "support-agent")
+    assert code == 0 and "create_refund" in out and "refund:create" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["agents", "show", "ghost"],
+    ["agents", "list", "--registry", "/nonexistent/registry.yaml"],
+    ["delegate", "--keys", "/nonexistent/keys.json", "--agent", "support-agent", "--allow", "x:y"],
+    ["token", "inspect", "not-a-token"],
+    ["audit", "verify", "/nonexistent/audit.jsonl"],
+    ["policy", "validate", "/nonexistent/policies"],
+])
+def test_wrong_input_gives_one_clear_line(args: list[str]) -> None:
+    code, out, err = aiam(*args)
+    assert code != 0
+    assert "Traceback" not in out + err
+    assert err.strip(), "an explanation on stderr"
+    assert len(err.strip().splitlines()) <= 3
+
+
+def test_bad_capability_string_gives_one_line(keyfile: Path) -> None:
+    code, out, err = aiam("delegate", "--keys", str(keyfile), "--agent", "support-agent",
+                          "--allow", "refund:create amount<=lots")
+    assert code != 0 and "amount<=lots" in err and "Traceback" not in out + err
+
+
+def test_unknown_agent_gives_one_line(keyfile: Path) -> None:
+    code, _, err = aiam("delegate", "--keys", str(keyfile), "--agent", "ghost",
+                        "--allow", "ticket:read")
+    assert code != 0 and "ghost" in err
+
+
+def test_every_help_explains_itself() -> None:
+    groups = {"keys": ["generate", "jwks"], "agents": ["list", "show"],
+              "token": ["inspect", "verify"], "policy": ["schema", "validate", "test"],
+              "approvals": ["list", "approve", "deny"],
+              "audit": ["verify", "show", "tree", "export"]}
+    code, out, _ = aiam("--help")
+    assert code == 0
+    for name in [*groups, "delegate", "subdelegate", "revoke", "demo"]:
+        assert name in out
+    for group, commands in groups.items():
+        for command in commands:
+            code, out, _ = aiam(group, command, "--help")
+            assert code == 0 and len(out.strip()) > 40, (group, command)
+
+
+def test_policy_commands() -> None:
+    code, out, _ = aiam("policy", "validate")
+    assert code == 0 and "valid" in out
+    code, out, _ = aiam("policy", "test")
+    assert code == 0 and "fixtures pass" in out
+    code, out, _ = aiam("policy", "schema")
+    schema = json.loads(out)
+    assert schema, "a schema document"
+
+
+def test_approvals_across_processes_via_sqlite(tmp_path: Path) -> None:
+    from agentic_iam import AgentRegistry, CedarEngine, DelegationBroker, Guard, Human, KeySet
+    from agentic_iam import SqliteStore, ToolCall
+    from agentic_iam._resources import default_policies_dir, default_registry_path
+
+    db = tmp_path / "store.db"
+    registry = AgentRegistry.from_yaml(default_registry_path())
+    broker = DelegationBroker(registry, KeySet.generate("https://b"), audience="a",
+                              store=SqliteStore(db))
+    guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(),
+                                                                 registry))
+    token = broker.delegate(Human("alice@example.com"), "support-agent", "refund",
+                            ["refund:create amount<=200"], ttl=600)
+    call = ToolCall("create_refund", {"amount": 150, "currency": "USD", "account": "ACC-1001"})
+    pending = guard.authorize(token, call)
+    assert pending.outcome == "approval_required"
+    code, out, _ = aiam("approvals", "list", "--store", f"sqlite:{db}")
+    assert code == 0 and pending.approval_id is not None
+    assert pending.approval_id[:8] in out
+    code, out, _ = aiam("approvals", "approve", pending.approval_id, "--store", f"sqlite:{db}",
+                        "--approver", "bob")
+    assert code == 0
+    assert guard.authorize(token, call).outcome == "allow"
+    assert guard.authorize(token, call).outcome == "approval_required"
+
+
+def test_demo_json_runs_offline(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    code, out, err = aiam("demo", "--framework", "core", "--audit", str(audit), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["audit"]["ok"] is True
+    outcomes = {(s["tool"], s["arguments"].get("amount")): s["outcome"] for s in report["steps"]}
+    assert outcomes[("create_refund", 50)] == "allow"
+    assert outcomes[("delete_account", None)] == "deny"
+    assert outcomes[("create_refund", 150)] == "allow"     # after the (auto-answered) approval
+    assert outcomes[("create_refund", 90)] != "allow"      # injected target
+    assert outcomes[("create_refund", 80)] == "deny"       # sub-agent over its narrower grant
+    code, out, _ = aiam("audit", "verify", str(audit))
+    assert code == 0
