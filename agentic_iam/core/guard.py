@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from agentic_iam.core.approvals import (
     ApprovalManager,
     Approver,
-    arguments_digest,
     call_binding,
     canonical_json,
 )
@@ -241,10 +240,11 @@ class Guard:
                               f"tool `{call.name}` is not registered for agent `{agent.id}`",
                               audit, identity), None
         audit["action"] = tool.action
-        arguments = self._checked_arguments(call.arguments)
-        if isinstance(arguments, str):
-            return self._deny(call, "arguments.invalid", arguments, audit, identity, tool), None
-        audit["arguments_digest"] = arguments_digest(arguments)
+        checked = self._checked_arguments(call.arguments)
+        if isinstance(checked, str):
+            return self._deny(call, "arguments.invalid", checked, audit, identity, tool), None
+        arguments, canonical = checked
+        audit["arguments_digest"] = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
         audit["arguments"] = arguments
         # 3. capability
         match = identity.capabilities.check(tool.action, arguments)
@@ -343,7 +343,8 @@ class Guard:
     # --- pieces of authorize ------------------------------------------------------------
 
     @staticmethod
-    def _checked_arguments(arguments: object) -> dict[str, Any] | str:
+    def _checked_arguments(arguments: object) -> tuple[dict[str, Any], str] | str:
+        """The arguments as a plain dict with their canonical JSON, or why they are unusable."""
         if not isinstance(arguments, Mapping):
             return f"arguments must be an object, got {type(arguments).__name__}"
         out: dict[str, Any] = {}
@@ -352,10 +353,10 @@ class Guard:
                 return "argument names must be strings"
             out[key] = value
         try:
-            canonical_json(out)
+            canonical = canonical_json(out)
         except (TypeError, ValueError) as exc:
             return f"arguments are not plain JSON values: {exc}"
-        return out
+        return out, canonical
 
     @staticmethod
     def _amounts(tool: ToolSpec, arguments: Mapping[str, Any]) -> dict[str, int] | str:
