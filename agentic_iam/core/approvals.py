@@ -199,6 +199,16 @@ class ApprovalManager:
             )
         return record
 
+    def pending_for(self, binding: str) -> str | None:
+        """The id of a live, still pending request for this exact call, if there is one.
+
+        Scans the pending requests: fine for the handful a deployment has open at a time.
+        """
+        for record in self.store.list_approvals("pending"):
+            if record.get("binding") == binding:
+                return str(record["request_id"])
+        return None
+
     def consume(self, binding: str) -> bool:
         return self.store.consume_approval(binding)
 

@@ -296,6 +296,12 @@ class Guard:
         binding = call_binding(identity.execution_id, call.name, arguments)
         request, answer = None, None
         if not self.approvals.consume(binding):
+            # A framework that re-runs a paused call (LangGraph replays the node on resume)
+            # asks again for the same exact call: answer with the request already pending.
+            pending = self.approvals.pending_for(binding)
+            if pending is not None:
+                return Decision("approval_required", reasons, call.call_id or "", call.name,
+                                tool.action, identity.execution_id, approval_id=pending)
             request, answer = self.approvals.request(
                 binding=binding, execution_id=identity.execution_id, agent_id=agent.id,
                 delegator=identity.delegator_id, tool=call.name, action=tool.action,
