@@ -1,0 +1,133 @@
+"""The demo's story replayed through each framework adapter, with scripted models.
+
+Each story drives a real agent of its framework (LangChain ``create_agent``, a LlamaIndex
+``FunctionAgent``, an OpenAI Agents SDK ``Agent``) whose model is a script: it asks for the
+calls of :data:`agentic_iam.demo.story.SCRIPT`, in order, one per turn. The adapter in between
+is the one users install; what each call came to is read back from the audit events.
+Nothing here needs a network or an API key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentic_iam.core.identity import Budget
+from agentic_iam.core.tokens import ExecutionToken
+from agentic_iam.demo.env import DemoEnv
+from agentic_iam.demo.story import (
+    SCRIPT,
+    ScriptedCall,
+    StepResult,
+    delegate_for_alice,
+    subagent_script,
+)
+
+__all__ = ["run_langchain_story", "run_llama_index_story", "run_openai_agents_story"]
+
+REFUND_BOT_GRANT = ["refund:create amount<=20 currency=USD"]
+
+
+def _child(env: DemoEnv, token: ExecutionToken) -> ExecutionToken:
+    return env.broker.subdelegate(token, "refund-bot", REFUND_BOT_GRANT, ttl=300,
+                                  budget=Budget(tool_calls=3, cost=100, llm_tokens=5_000))
+
+
+def steps_from_audit(env: DemoEnv, framework: str, agent: str, token: ExecutionToken,
+                     calls: tuple[ScriptedCall, ...], call_ids: list[str],
+                     model_saw: dict[str, str]) -> list[StepResult]:
+    """One :class:`StepResult` per scripted call, from the decision events of ``token``."""
+    decided: dict[str, Any] = {}
+    completed: dict[str, Any] = {}
+    for event in env.memory.events:
+        if event.execution_id != token.identity.execution_id or event.call_id is None:
+            continue
+        if event.event_type == "tool_call.decided":
+            decided[event.call_id] = event
+        elif event.event_type == "tool_call.completed":
+            completed[event.call_id] = event
+    results = []
+    for call, call_id in zip(calls, call_ids, strict=True):
+        event = decided.get(call_id)
+        if event is None or event.decision is None:
+            results.append(StepResult(framework, agent, call.tool, dict(call.arguments),
+                                      "not decided", "adapter.missing", "no decision recorded"))
+            continue
+        reasons = event.decision.reasons or ()
+        main = reasons[0] if reasons else None
+        codes = [r.code for r in reasons]
+        approval = None
+        if "approval.granted" in codes:
+            approval = "approved"
+        elif "approval.denied" in codes:
+            approval = "denied"
+        finished = completed.get(call_id)
+        labels = tuple(finished.result.output_labels or ()) if finished and finished.result else ()
+        results.append(StepResult(
+            framework, agent, call.tool, dict(call.arguments), event.decision.outcome,
+            main.code if main else "", main.message if main else "",
+            tuple(event.decision.policy_ids or ()), approval, model_saw.get(call_id), labels))
+    return results
+
+
+# --- LangChain ------------------------------------------------------------------------------
+
+
+def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
+    from langchain.agents import create_agent
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.tools import StructuredTool
+
+    from agentic_iam.demo.tools import ALICE_REQUEST
+    from agentic_iam.integrations.langchain import GuardMiddleware, IAMContext
+
+    class ScriptedModel(FakeMessagesListChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:
+            return self
+
+    tools = [StructuredTool.from_function(fn) for fn in env.backend.functions().values()]
+
+    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
+            ) -> list[StepResult]:
+        ids = [f"lc-{agent_name}-{i}" for i in range(len(calls))]
+        script = [AIMessage(content=c.says, tool_calls=[
+            {"name": c.tool, "args": c.arguments, "id": i, "type": "tool_call"}],
+            response_metadata={"model_name": "scripted"}) for c, i in zip(calls, ids, strict=True)]
+        script.append(AIMessage(content="Done.", response_metadata={"model_name": "scripted"}))
+        agent = create_agent(ScriptedModel(responses=script), tools=tools,
+                             middleware=[GuardMiddleware(env.guard)], context_schema=IAMContext,
+                             name=agent_name)
+        state = agent.invoke({"messages": [HumanMessage(ALICE_REQUEST)]},
+                             context=IAMContext(token.token))
+        saw = {m.tool_call_id: str(m.content) for m in state["messages"]
+               if isinstance(m, ToolMessage)}
+        return steps_from_audit(env, "langchain", agent_name, token, calls, ids, saw)
+
+    token = delegate_for_alice(env)
+    results = run("support-agent", token, SCRIPT)
+    results += run("refund-bot", _child(env, token), subagent_script())
+    return results, token
+
+
+# --- LlamaIndex ------------------------------------------------------------------------------
+
+
+def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
+    from agentic_iam.integrations import llama_index as adapter
+
+    story = getattr(adapter, "demo_story", None)
+    if story is None:
+        raise RuntimeError("the LlamaIndex adapter does not provide a demo story")
+    return story(env)  # type: ignore[no-any-return]
+
+
+# --- OpenAI Agents SDK ---------------------------------------------------------------------
+
+
+def run_openai_agents_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
+    from agentic_iam.integrations import openai_agents as adapter
+
+    story = getattr(adapter, "demo_story", None)
+    if story is None:
+        raise RuntimeError("the OpenAI Agents adapter does not provide a demo story")
+    return story(env)  # type: ignore[no-any-return]
