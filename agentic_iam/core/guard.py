@@ -149,7 +149,8 @@ class Guard:
         self.approvals = ApprovalManager(store, approver, ttl_s=self.config.approval_ttl_s,
                                          recorder=recorder, clock=clock)
         self._clock = clock
-        self._pending: dict[str, _Pending] = {}
+        # Keyed by (execution, call id): providers and scripted models reuse call ids across runs.
+        self._pending: dict[tuple[str | None, str], _Pending] = {}
         self._lock = threading.Lock()
         self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
         self._seeded: OrderedDict[str, None] = OrderedDict()
@@ -189,7 +190,7 @@ class Guard:
             if decision.reservation_id is not None:
                 self._release_quietly(decision.reservation_id)
             with self._lock:
-                self._pending.pop(call_id, None)
+                self._pending.pop((decision.execution_id, call_id), None)
             decision = Decision("deny", (Reason("audit.failed",
                                                 f"the audit record could not be written "
                                                 f"({type(exc).__name__})"),),
@@ -338,9 +339,9 @@ class Guard:
         call_id = call.call_id or ""
         checked = copy.deepcopy(dict(arguments))
         with self._lock:
-            self._pending[call_id] = _Pending(identity, agent, tool, call, reservation_id,
-                                              amounts, self._clock(),
-                                              audit=self._audit_base(audit))
+            self._pending[(identity.execution_id, call_id)] = _Pending(
+                identity, agent, tool, call, reservation_id, amounts, self._clock(),
+                audit=self._audit_base(audit))
         return Decision("allow", reasons or (Reason("policy.permit", "allowed"),), call_id,
                         call.name, tool.action, identity.execution_id,
                         approval_id=approval_id, reservation_id=reservation_id,
@@ -510,7 +511,7 @@ class Guard:
     def screen(self, decision: Decision, output: object) -> Screened:
         """Screen a tool's output before the model sees it (never raises; blocks on error)."""
         with self._lock:
-            pending = self._pending.get(decision.call_id)
+            pending = self._pending.get((decision.execution_id, decision.call_id))
         if pending is None or not decision.allowed:
             result = ScreenResult(text="[agentic-iam: output withheld: no allowed call]",
                                   findings=(), risk=0, labels=frozenset(), blocked=True,
@@ -551,7 +552,7 @@ class Guard:
                  *, actual_cost: int | None = None) -> None:
         """Settle the call's budget and record its result. Idempotent per call."""
         with self._lock:
-            pending = self._pending.pop(decision.call_id, None)
+            pending = self._pending.pop((decision.execution_id, decision.call_id), None)
         if pending is None:
             return
         amounts = dict(pending.amounts)
@@ -693,7 +694,7 @@ class Guard:
             fields["extra"] = {"approval_id": decision.approval_id}
         self.recorder.record("tool_call.decided", **fields)
         with self._lock:
-            pending = self._pending.get(decision.call_id)
+            pending = self._pending.get((decision.execution_id, decision.call_id))
             if pending is not None:
                 pending.audit.update(reasoning=fields["reasoning"],
                                      framework=fields["framework"],

@@ -291,3 +291,16 @@ def test_policy_reason_carries_policy_id(env: Env) -> None:
     token = env.refund_token(max_amount=200)
     decision = env.guard.authorize(token, refund(150))
     assert any(isinstance(r, Reason) and r.policy_id for r in decision.reasons)
+
+
+def test_same_call_id_in_two_runs_does_not_collide(env: Env) -> None:
+    first = env.refund_token(budget=Budget(tool_calls=5, cost=100))
+    second = env.refund_token(budget=Budget(tool_calls=5, cost=100))
+    a = env.guard.authorize(first, refund(30, call_id="call_1"))
+    b = env.guard.authorize(second, refund(40, call_id="call_1"))
+    assert a.allowed and b.allowed
+    env.guard.complete(a)
+    env.guard.complete(b)
+    left_a = env.store.remaining(first.identity.key, first.identity.budget.as_dict())
+    left_b = env.store.remaining(second.identity.key, second.identity.budget.as_dict())
+    assert (left_a["cost"], left_b["cost"]) == (70, 60)
