@@ -125,9 +125,75 @@ def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToke
 
 
 def run_openai_agents_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
-    from agentic_iam.integrations import openai_agents as adapter
+    import asyncio
+    import itertools
+    import json
+    from collections.abc import AsyncIterator
 
-    story = getattr(adapter, "demo_story", None)
-    if story is None:
-        raise RuntimeError("the OpenAI Agents adapter does not provide a demo story")
-    return story(env)  # type: ignore[no-any-return]
+    from agents import Agent, ModelResponse, Runner, Usage, function_tool
+    from agents.models.interface import Model
+    from agents.tracing import set_tracing_disabled
+    from openai.types.responses import (
+        ResponseFunctionToolCall,
+        ResponseOutputMessage,
+        ResponseOutputText,
+    )
+
+    from agentic_iam.demo.tools import ALICE_REQUEST
+    from agentic_iam.integrations.openai_agents import IAMRunContext, IAMRunHooks, protect
+
+    set_tracing_disabled(True)  # the demo is offline: never export traces to OpenAI
+    counter = itertools.count()
+
+    class ScriptedModel(Model):
+        """Answers each turn with the next scripted message and tool call."""
+
+        def __init__(self, turns: list[list[Any]]) -> None:
+            self.turns = turns
+            self.inputs: list[Any] = []
+
+        async def get_response(self, system_instructions: Any, input: Any, model_settings: Any,
+                               tools: Any, output_schema: Any, handoffs: Any, tracing: Any,
+                               **kwargs: Any) -> ModelResponse:
+            self.inputs.append(input)
+            turn = self.turns[min(len(self.inputs) - 1, len(self.turns) - 1)]
+            return ModelResponse(output=turn, usage=Usage(requests=1, input_tokens=100,
+                                                          output_tokens=20, total_tokens=120),
+                                 response_id=f"resp_demo_{next(counter)}")
+
+        def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            raise RuntimeError("the demo's scripted model only answers Runner.run")
+
+    def say(text: str) -> ResponseOutputMessage:
+        return ResponseOutputMessage(
+            id=f"msg_demo_{next(counter)}", type="message", role="assistant",
+            status="completed",
+            content=[ResponseOutputText(type="output_text", annotations=[], text=text)])
+
+    tools = [function_tool(fn) for fn in env.backend.functions().values()]
+
+    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
+            ) -> list[StepResult]:
+        ids = [f"oa-{agent_name}-{i}" for i in range(len(calls))]
+        turns: list[list[Any]] = [
+            [say(c.says), ResponseFunctionToolCall(id=f"fc_{i}", call_id=i,
+                                                   type="function_call", name=c.tool,
+                                                   arguments=json.dumps(c.arguments))]
+            for c, i in zip(calls, ids, strict=True)]
+        turns.append([say("Done.")])
+        model = ScriptedModel(turns)
+        agent: Agent[Any] = protect(Agent(name=agent_name, model=model, tools=list(tools)),
+                                    env.guard, broker=env.broker)
+        asyncio.run(Runner.run(agent, ALICE_REQUEST, context=IAMRunContext(token.token),
+                               hooks=IAMRunHooks(env.guard), max_turns=len(turns) + 2))
+        saw: dict[str, str] = {}
+        for items in model.inputs:
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and item.get("type") == "function_call_output":
+                    saw[str(item["call_id"])] = str(item["output"])
+        return steps_from_audit(env, "openai_agents", agent_name, token, calls, ids, saw)
+
+    token = delegate_for_alice(env)
+    results = run("support-agent", token, SCRIPT)
+    results += run("refund-bot", _child(env, token), subagent_script())
+    return results, token
