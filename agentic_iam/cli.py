@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -55,15 +55,15 @@ DEFAULT_AUDIENCE = "agentic-iam"
 RegistryOpt = Annotated[Path | None, typer.Option(
     "--registry", "-r", help="Agent registry YAML file or directory "
     "[default: $AIAM_REGISTRY or the bundled demo registry].")]
-KeysOpt = Annotated[Path, typer.Option("--keys", "-k", help="Private key file from "
-                                       "`aiam keys generate` [default: $AIAM_KEYS or aiam-keys.json].")]
+KeysOpt = Annotated[Path, typer.Option(
+    "--keys", "-k", help="Private key file from `aiam keys generate` [default: aiam-keys.json].")]
 AudienceOpt = Annotated[str, typer.Option("--audience", help="Token audience.")]
 StoreOpt = Annotated[str, typer.Option(
     "--store", help="Store: `memory`, `sqlite:PATH` or `redis://HOST:PORT/DB` "
     "[default: $AIAM_STORE or memory].")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
 
@@ -547,7 +547,7 @@ def demo(
 def bench() -> None:
     """Run every benchmark and print one table of ratios (takes a minute or two)."""
     try:
-        from benchmarks.__main__ import main as bench_main  # type: ignore[import-not-found]
+        from benchmarks.__main__ import main as bench_main
     except ImportError:
         _fail("the benchmarks ship with the source checkout: run `python -m benchmarks` there")
     bench_main()

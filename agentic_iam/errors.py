@@ -16,7 +16,7 @@ echo a token or a secret.
     ├── DelegationError               the broker refused to mint
     │   ├── UnknownAgentError
     │   ├── AgentSuspendedError
-    │   ├── CapabilityNotPermittedError   a capability outside the agent's registry tools / IdP scopes
+    │   ├── CapabilityNotPermittedError   outside the agent's registry tools or the IdP scopes
     │   ├── LimitExceededError            TTL, budget or risk above what is allowed
     │   ├── WideningError                 a sub-delegation that would widen its parent
     │   └── SubjectTokenError             an external IdP token that does not verify

@@ -45,7 +45,7 @@ def main() -> None:
         started = time.perf_counter()
         try:
             rows = module.run()
-        except Exception as exc:  # noqa: BLE001 - report and carry on with the others
+        except Exception as exc:
             print(f"{name:<18} FAILED: {type(exc).__name__}: {exc}")
             continue
         for label, value in rows:

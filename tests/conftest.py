@@ -82,7 +82,7 @@ def require_redis() -> None:
         import redis
 
         redis.Redis.from_url(redis_url(), socket_timeout=0.5).ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         message = f"Redis at {redis_url()} is not reachable: {exc}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)

@@ -140,8 +140,16 @@ def test_policy_commands() -> None:
 
 
 def test_approvals_across_processes_via_sqlite(tmp_path: Path) -> None:
-    from agentic_iam import AgentRegistry, CedarEngine, DelegationBroker, Guard, Human, KeySet
-    from agentic_iam import SqliteStore, ToolCall
+    from agentic_iam import (
+        AgentRegistry,
+        CedarEngine,
+        DelegationBroker,
+        Guard,
+        Human,
+        KeySet,
+        SqliteStore,
+        ToolCall,
+    )
     from agentic_iam._resources import default_policies_dir, default_registry_path
 
     db = tmp_path / "store.db"

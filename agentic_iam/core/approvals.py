@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agentic_iam.errors import ApprovalError
 
 if TYPE_CHECKING:
-    from agentic_iam.core.provenance import Recorder
+    from agentic_iam.core.provenance import EventType, Recorder
     from agentic_iam.core.store.base import Store
 
 __all__ = [
@@ -221,7 +221,7 @@ class ApprovalManager:
             raise ApprovalError(f"unknown approval request `{request_id}`")
         return record
 
-    def _record(self, event: str, request: ApprovalRequest, audit: Mapping[str, Any] | None,
+    def _record(self, event: EventType, request: ApprovalRequest, audit: Mapping[str, Any] | None,
                 approver: str | None) -> None:
         if self.recorder is None:
             return

@@ -24,8 +24,16 @@ import jwt
 
 from agentic_iam.core.approvals import canonical_json
 from agentic_iam.core.capabilities import Capability, CapabilitySet, action_covers, parse_capability
-from agentic_iam.core.identity import DIMENSIONS, Actor, AgentSpec, Budget, ExecutionIdentity, Human
-from agentic_iam.core.identity import Principal, Workload
+from agentic_iam.core.identity import (
+    DIMENSIONS,
+    Actor,
+    AgentSpec,
+    Budget,
+    ExecutionIdentity,
+    Human,
+    Principal,
+    Workload,
+)
 from agentic_iam.core.keys import KeySet
 from agentic_iam.core.registry import AgentRegistry
 from agentic_iam.core.tokens import ExecutionToken, TokenVerifier, mint_token
@@ -41,7 +49,7 @@ from agentic_iam.errors import (
 )
 
 if TYPE_CHECKING:
-    from agentic_iam.core.provenance import Recorder
+    from agentic_iam.core.provenance import EventType, Recorder
     from agentic_iam.core.store.base import Store
 
 __all__ = ["DelegationBroker", "OIDCProvider"]
@@ -111,7 +119,8 @@ class OIDCProvider:
                 response.raise_for_status()
                 self._fetched.update(response.json())
             except (httpx.HTTPError, ValueError) as exc:
-                raise SubjectTokenError(f"cannot fetch the JWKS of `{self.issuer}`: {exc}") from None
+                raise SubjectTokenError(
+                    f"cannot fetch the JWKS of `{self.issuer}`: {exc}") from None
         return self._fetched
 
     def verify(self, subject_token: str) -> Human:
@@ -134,7 +143,8 @@ class OIDCProvider:
         except SubjectTokenError:
             raise
         except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
-            raise SubjectTokenError(f"subject token from `{self.issuer}` is invalid: {exc}") from None
+            raise SubjectTokenError(
+                f"subject token from `{self.issuer}` is invalid: {exc}") from None
         if type(claims.get("exp")) is not int or type(claims.get("iat")) is not int:
             raise SubjectTokenError("subject token times must be integers")
         subject = claims.get(self.subject_claim)
@@ -227,7 +237,7 @@ class DelegationBroker:
                     rule=f"agents.{agent.id}.tools",
                 )
 
-    def _mint(self, identity: ExecutionIdentity, event: str,
+    def _mint(self, identity: ExecutionIdentity, event: EventType,
               parent_execution_id: str | None = None) -> ExecutionToken:
         token = mint_token(identity, self.keys)
         if self.recorder is not None:

@@ -1,8 +1,8 @@
 """Capabilities: an action pattern plus typed argument constraints, and their algebra.
 
 A capability says *what* may be done (``refund:create`` or ``refund:*``) and *with which
-arguments* (``amount <= 100``, ``currency in {USD}``). ``matches`` checks a call; ``is_narrower_than``
-decides attenuation, so that a sub-delegation can be proved to only narrow.
+arguments* (``amount <= 100``, ``currency in {USD}``). ``matches`` checks a call;
+``is_narrower_than`` decides attenuation, so that a sub-delegation can be proved to only narrow.
 
 Typing is strict and nothing is coerced: a bool is not an int, ``"100"`` is not ``100``, floats are
 refused for numeric bounds (money is integer minor units or :class:`~decimal.Decimal`), NaN and
@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Union
+from typing import Any
 
 from agentic_iam.errors import CapabilityError
 
@@ -30,8 +30,8 @@ __all__ = [
     "parse_capability",
 ]
 
-Scalar = Union[str, int, Decimal, bool]
-Number = Union[int, Decimal]
+Scalar = str | int | Decimal | bool
+Number = int | Decimal
 
 #: Regex constraints are matched only against strings up to this length (and patterns are
 #: bounded), to keep the backtracking engine's worst case small.
@@ -47,7 +47,7 @@ _KEYS = ("eq", "in", "min", "max", "gt", "lt", "prefix", "regex")
 def _is_number(value: object) -> bool:
     if type(value) is int:
         return True
-    return type(value) is Decimal and value.is_finite()  # type: ignore[attr-defined]
+    return type(value) is Decimal and value.is_finite()
 
 
 def _kind(value: object) -> str:
@@ -225,7 +225,7 @@ class ArgumentConstraint:
         if name == "regex":
             # Regular-language inclusion is not decided here; only the identical pattern is
             # accepted, and it must also come with the child's own string-typing.
-            return self.regex == bound
+            return bool(self.regex == bound)
         return False
 
     # --- serialization ------------------------------------------------------------------
@@ -316,7 +316,8 @@ def _literal(value: Scalar) -> str:
     if type(value) is bool:
         return "true" if value else "false"
     if type(value) is str:
-        if re.fullmatch(r"[A-Za-z_@./\-][A-Za-z0-9_@./\-]*", value) and value not in ("true", "false"):
+        bare = re.fullmatch(r"[A-Za-z_@./\-][A-Za-z0-9_@./\-]*", value)
+        if bare and value not in ("true", "false"):
             return value
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
@@ -477,7 +478,7 @@ class CapabilitySet:
         for capability in self.capabilities:
             reasons = [capability.widening(p) for p in parent.capabilities]
             if all(reason is not None for reason in reasons):
-                relevant = [r for r, p in zip(reasons, parent.capabilities)
+                relevant = [r for r, p in zip(reasons, parent.capabilities, strict=True)
                             if action_covers(p.action, capability.action)]
                 return (relevant or reasons or [f"action `{capability.action}` is not granted"])[0]
         return None

@@ -102,8 +102,8 @@ class Budget:
             value = data.get(name)
             if value is not None and type(value) is not int:
                 raise ValueError(f"budget `{name}` must be an integer, got {value!r}")
-            values[name] = value  # type: ignore[assignment]
-        return cls(**values)  # type: ignore[arg-type]
+            values[name] = value
+        return cls(**values)
 
     def within(self, other: Budget) -> str | None:
         """The first dimension where ``self`` exceeds ``other`` (``None`` when it does not)."""
@@ -137,7 +137,8 @@ class ToolSpec:
     target_arguments: frozenset[str] = frozenset()
     """Arguments that name a target (recipient, account, URL...) and need provenance."""
     arguments: Mapping[str, str] = field(default_factory=dict)
-    """Declared argument types (``Long``, ``String``, ``Bool``, ``Decimal``) for the policy schema."""
+    """Declared argument types (``Long``, ``String``, ``Bool``, ``Decimal``; ``?`` = optional)
+    for the policy schema."""
     screening: Mapping[str, object] = field(default_factory=dict)
     """Firewall settings for this tool's output (see ``agentic_iam.core.firewall.ScreenConfig``)."""
 
@@ -261,6 +262,7 @@ class ExecutionIdentity:
         ]
         for actor in reversed(self.actors):
             hops.append(
-                {"principal_type": "agent", "id": actor.agent_id, "execution_id": actor.execution_id}
+                {"principal_type": "agent", "id": actor.agent_id,
+                 "execution_id": actor.execution_id}
             )
         return hops

@@ -88,7 +88,8 @@ class SigningKey:
 class KeySet:
     """The keys of one issuer: one active signing key plus older keys still trusted to verify."""
 
-    def __init__(self, issuer: str, keys: list[SigningKey] | None = None, active: str | None = None):
+    def __init__(self, issuer: str, keys: list[SigningKey] | None = None,
+                 active: str | None = None) -> None:
         if not issuer:
             raise KeySetError("a key set needs an issuer")
         self.issuer = issuer

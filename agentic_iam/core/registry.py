@@ -150,7 +150,8 @@ def _describe_error(error: Mapping[str, Any], raw: object) -> tuple[str | None, 
     agent_id: str | None = None
     if len(loc) >= 2 and loc[0] == "agents" and isinstance(loc[1], int):
         agents = raw.get("agents") if isinstance(raw, Mapping) else None
-        if isinstance(agents, list) and loc[1] < len(agents) and isinstance(agents[loc[1]], Mapping):
+        if (isinstance(agents, list) and loc[1] < len(agents)
+                and isinstance(agents[loc[1]], Mapping)):
             found = agents[loc[1]].get("id")
             agent_id = str(found) if found is not None else f"#{loc[1]}"
         loc = loc[2:]
@@ -164,7 +165,8 @@ def _describe_error(error: Mapping[str, Any], raw: object) -> tuple[str | None, 
 class AgentRegistry:
     """Agents by id, loaded from YAML files or given as :class:`AgentSpec` values."""
 
-    def __init__(self, agents: Iterable[AgentSpec] = (), *, sources: Mapping[str, str] | None = None):
+    def __init__(self, agents: Iterable[AgentSpec] = (), *,
+                 sources: Mapping[str, str] | None = None) -> None:
         self._agents: dict[str, AgentSpec] = {}
         for agent in agents:
             if agent.id in self._agents:
@@ -232,7 +234,8 @@ class AgentRegistry:
         ids = [a.id for a in document.agents]
         for agent_id in ids:
             if ids.count(agent_id) > 1:
-                raise RegistryError("agent id is defined twice", file=name, agent=agent_id, field="id")
+                raise RegistryError("agent id is defined twice", file=name, agent=agent_id,
+                                    field="id")
         for agent in document.agents:
             names = [t.name for t in agent.tools]
             for tool in names:

@@ -47,11 +47,12 @@ def steps_from_audit(env: DemoEnv, framework: str, agent: str, token: ExecutionT
             completed[event.call_id] = event
     results = []
     for call, call_id in zip(calls, call_ids, strict=True):
-        event = decided.get(call_id)
-        if event is None or event.decision is None:
+        found = decided.get(call_id)
+        if found is None or found.decision is None:
             results.append(StepResult(framework, agent, call.tool, dict(call.arguments),
                                       "not decided", "adapter.missing", "no decision recorded"))
             continue
+        event = found
         reasons = event.decision.reasons or ()
         main = reasons[0] if reasons else None
         codes = [r.code for r in reasons]
@@ -75,7 +76,7 @@ def steps_from_audit(env: DemoEnv, framework: str, agent: str, token: ExecutionT
 def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
     from langchain.agents import create_agent
     from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
-    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
     from langchain_core.tools import StructuredTool
 
     from agentic_iam.demo.tools import ALICE_REQUEST
@@ -90,7 +91,7 @@ def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]
     def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
             ) -> list[StepResult]:
         ids = [f"lc-{agent_name}-{i}" for i in range(len(calls))]
-        script = [AIMessage(content=c.says, tool_calls=[
+        script: list[BaseMessage] = [AIMessage(content=c.says, tool_calls=[
             {"name": c.tool, "args": c.arguments, "id": i, "type": "tool_call"}],
             response_metadata={"model_name": "scripted"}) for c, i in zip(calls, ids, strict=True)]
         script.append(AIMessage(content="Done.", response_metadata={"model_name": "scripted"}))

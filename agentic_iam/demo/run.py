@@ -142,7 +142,8 @@ def render(report: DemoReport, console: Console) -> None:
         why = step.reason_code + (f" [{', '.join(step.policy_ids)}]" if step.policy_ids else "")
         if step.approval:
             why += f" · approval {step.approval}"
-        table.add_row(str(index), step.framework, step.agent, f"{step.tool}({_args(step.arguments)})",
+        call = f"{step.tool}({_args(step.arguments)})"
+        table.add_row(str(index), step.framework, step.agent, call,
                       Text(step.outcome, style=_STYLE.get(step.outcome, "white")), why)
     console.print(table)
     for line in report.approvals:

@@ -25,8 +25,8 @@ __all__ = [
     "SCRIPT",
     "ScriptedCall",
     "StepResult",
-    "demo_approver",
     "delegate_for_alice",
+    "demo_approver",
     "run_core_story",
     "subagent_script",
 ]

@@ -75,10 +75,12 @@ def test_invalid_fields(tmp_path: Path, body: str, field: str) -> None:
 
 
 def test_duplicate_agent_and_unknown_delegate_target(tmp_path: Path) -> None:
-    dup = _write(tmp_path, "agents:\n  - {id: a1, name: A, owner: x}\n  - {id: a1, name: B, owner: y}\n")
+    dup = _write(tmp_path, "agents:\n  - {id: a1, name: A, owner: x}\n"
+                           "  - {id: a1, name: B, owner: y}\n")
     with pytest.raises(RegistryError, match="twice"):
         AgentRegistry.from_yaml(dup)
-    unknown = _write(tmp_path, "agents:\n  - {id: a1, name: A, owner: x, may_delegate_to: [ghost]}\n")
+    unknown = _write(tmp_path,
+                     "agents:\n  - {id: a1, name: A, owner: x, may_delegate_to: [ghost]}\n")
     with pytest.raises(RegistryError) as info:
         AgentRegistry.from_yaml(unknown)
     assert info.value.field == "may_delegate_to" and "ghost" in str(info.value)
