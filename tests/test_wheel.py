@@ -2,7 +2,8 @@
 
 Builds the wheel, installs it (without re-downloading dependencies: the new environment reads
 this one's site-packages after its own) into a fresh virtual environment, and runs `aiam demo`
-from an empty directory. `.ci/run` additionally installs the wheel with `[all]` into a fully fresh environment.
+from an empty directory. `.ci/run` also installs the wheel with `[all]` into a fully fresh
+environment.
 """
 
 from __future__ import annotations
