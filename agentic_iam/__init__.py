@@ -5,6 +5,7 @@ This module is the one public import path; everything not listed in ``__all__`` 
 
 from __future__ import annotations
 
+from agentic_iam._resources import default_policies_dir, default_registry_path
 from agentic_iam.core.approvals import (
     ApprovalManager,
     ApprovalRequest,
@@ -185,6 +186,8 @@ __all__ = [
     "WideningError",
     "Workload",
     "__version__",
+    "default_policies_dir",
+    "default_registry_path",
     "generate_schema",
     "mint_token",
     "parse_capability",

@@ -114,12 +114,80 @@ def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]
 
 
 def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
-    from agentic_iam.integrations import llama_index as adapter
+    import asyncio
+    from collections.abc import AsyncGenerator, Sequence
 
-    story = getattr(adapter, "demo_story", None)
-    if story is None:
-        raise RuntimeError("the LlamaIndex adapter does not provide a demo story")
-    return story(env)  # type: ignore[no-any-return]
+    from llama_index.core.agent.workflow import ToolCallResult
+    from llama_index.core.base.llms.types import (
+        ChatMessage,
+        ChatResponse,
+        LLMMetadata,
+        TextBlock,
+        ToolCallBlock,
+    )
+    from llama_index.core.llms import MockFunctionCallingLLM
+    from llama_index.core.llms.callbacks import llm_chat_callback
+    from llama_index.core.tools import FunctionTool
+
+    from agentic_iam.demo.tools import ALICE_REQUEST
+    from agentic_iam.integrations.llama_index import GuardedFunctionAgent, run_with_identity
+
+    class ScriptedLLM(MockFunctionCallingLLM):
+        """Replays the script, one assistant message per turn, then says it is done."""
+
+        script: list[ChatMessage] = []
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(is_function_calling_model=True, is_chat_model=True,
+                               model_name="scripted")
+
+        def _next(self) -> ChatResponse:
+            message = self.script.pop(0) if self.script else ChatMessage(
+                role="assistant", content="Done.")
+            return ChatResponse(message=message, delta=message.content or "")
+
+        @llm_chat_callback()
+        async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any
+                               ) -> AsyncGenerator[ChatResponse, None]:
+            response = self._next()
+
+            async def gen() -> AsyncGenerator[ChatResponse, None]:
+                yield response
+
+            return gen()
+
+        @llm_chat_callback()
+        async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+            return self._next()
+
+    tools = [FunctionTool.from_defaults(fn) for fn in env.backend.functions().values()]
+
+    async def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
+                  ) -> list[StepResult]:
+        ids = [f"li-{agent_name}-{i}" for i in range(len(calls))]
+        script = [ChatMessage(role="assistant", blocks=[
+            TextBlock(text=c.says),
+            ToolCallBlock(tool_call_id=i, tool_name=c.tool, tool_kwargs=dict(c.arguments))])
+            for c, i in zip(calls, ids, strict=True)]
+        agent = GuardedFunctionAgent(name=agent_name, description=f"{agent_name} (demo)",
+                                     tools=tools, llm=ScriptedLLM(script=script),
+                                     guard=env.guard)
+        handler = await run_with_identity(agent, ALICE_REQUEST, token)
+        saw: dict[str, str] = {}
+        async for event in handler.stream_events():
+            if isinstance(event, ToolCallResult):
+                saw[event.tool_id] = str(event.tool_output.content)
+        await handler
+        return steps_from_audit(env, "llama_index", agent_name, token, calls, ids, saw)
+
+    async def story() -> tuple[list[StepResult], ExecutionToken]:
+        token = delegate_for_alice(env)
+        results = await run("support-agent", token, SCRIPT)
+        results += await run("refund-bot", _child(env, token), subagent_script())
+        return results, token
+
+    return asyncio.run(story())
 
 
 # --- OpenAI Agents SDK ---------------------------------------------------------------------
