@@ -115,51 +115,23 @@ def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]
 
 def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
     import asyncio
-    from collections.abc import AsyncGenerator, Sequence
+    from collections.abc import Sequence
 
     from llama_index.core.agent.workflow import ToolCallResult
-    from llama_index.core.base.llms.types import (
-        ChatMessage,
-        ChatResponse,
-        LLMMetadata,
-        TextBlock,
-        ToolCallBlock,
-    )
+    from llama_index.core.base.llms.types import ChatMessage, TextBlock, ToolCallBlock
     from llama_index.core.llms import MockFunctionCallingLLM
-    from llama_index.core.llms.callbacks import llm_chat_callback
     from llama_index.core.tools import FunctionTool
 
     from agentic_iam.demo.tools import ALICE_REQUEST
     from agentic_iam.integrations.llama_index import GuardedFunctionAgent, run_with_identity
 
-    class ScriptedLLM(MockFunctionCallingLLM):
+    def scripted_llm(script: list[ChatMessage]) -> MockFunctionCallingLLM:
         """Replays the script, one assistant message per turn, then says it is done."""
 
-        script: list[ChatMessage] = []
+        def answer(messages: Sequence[ChatMessage], **kwargs: Any) -> ChatMessage:
+            return script.pop(0) if script else ChatMessage(role="assistant", content="Done.")
 
-        @property
-        def metadata(self) -> LLMMetadata:
-            return LLMMetadata(is_function_calling_model=True, is_chat_model=True,
-                               model_name="scripted")
-
-        def _next(self) -> ChatResponse:
-            message = self.script.pop(0) if self.script else ChatMessage(
-                role="assistant", content="Done.")
-            return ChatResponse(message=message, delta=message.content or "")
-
-        @llm_chat_callback()
-        async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any
-                               ) -> AsyncGenerator[ChatResponse, None]:
-            response = self._next()
-
-            async def gen() -> AsyncGenerator[ChatResponse, None]:
-                yield response
-
-            return gen()
-
-        @llm_chat_callback()
-        async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-            return self._next()
+        return MockFunctionCallingLLM(is_chat_model=True, response_generator=answer)
 
     tools = [FunctionTool.from_defaults(fn) for fn in env.backend.functions().values()]
 
@@ -171,7 +143,7 @@ def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToke
             ToolCallBlock(tool_call_id=i, tool_name=c.tool, tool_kwargs=dict(c.arguments))])
             for c, i in zip(calls, ids, strict=True)]
         agent = GuardedFunctionAgent(name=agent_name, description=f"{agent_name} (demo)",
-                                     tools=tools, llm=ScriptedLLM(script=script),
+                                     tools=tools, llm=scripted_llm(script),
                                      guard=env.guard)
         handler = await run_with_identity(agent, ALICE_REQUEST, token)
         saw: dict[str, str] = {}
