@@ -1,0 +1,122 @@
+"""Agent-as-tool: the sub-agent runs in a fresh Context with an identity sub-delegated from the
+calling agent's (passed explicitly), so it cannot exceed its grant though the parent could."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from llama_index.core.tools import FunctionTool
+
+from agentic_iam import (
+    AgentRegistry,
+    CedarEngine,
+    DelegationBroker,
+    Guard,
+    KeySet,
+    MemorySink,
+    MemoryStore,
+    Recorder,
+)
+from agentic_iam._resources import default_policies_dir, default_registry_path
+from agentic_iam.errors import ConfigurationError
+from agentic_iam.integrations.llama_index import (
+    GuardedFunctionAgent,
+    agent_tool,
+    run_with_identity,
+)
+from tests.conftest import ALICE, AUDIENCE, Env
+from tests.integrations.llama_index.conftest import (
+    FRAMEWORK_WARNINGS,
+    REQUEST,
+    Backend,
+    ai,
+    call,
+    chain_ids,
+    decided,
+    drive,
+    results,
+    scripted,
+)
+
+pytestmark = FRAMEWORK_WARNINGS
+
+DELEGATE_TOOL = {"name": "ask_refund_bot", "action": "agent:delegate", "risk": 1,
+                 "description": "Hand a refund to the refund bot.",
+                 "arguments": {"task": "String"}}
+
+
+@pytest.fixture
+def env() -> Env:
+    """The shared registry plus a support-agent tool that delegates to refund-bot."""
+    data = yaml.safe_load(default_registry_path().read_text())
+    for agent in data["agents"]:
+        if agent["id"] == "support-agent":
+            agent["tools"].append(DELEGATE_TOOL)
+    registry = AgentRegistry.from_text(yaml.safe_dump(data), name="registry+delegation")
+    keys = KeySet.generate("https://broker.test")
+    sink = MemorySink()
+    recorder = Recorder([sink])
+    store = MemoryStore()
+    broker = DelegationBroker(registry, keys, audience=AUDIENCE, store=store, recorder=recorder)
+    guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(), registry))
+    return Env(registry, keys, broker, guard, sink, recorder, store)
+
+
+def parent_token(env: Env) -> Any:
+    return env.broker.delegate(ALICE, "support-agent", "refund T-1042",
+                               ["refund:create amount<=100", "ticket:read", "agent:delegate"],
+                               900)
+
+
+async def test_sub_agent_runs_with_a_narrower_identity(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    sub_llm = scripted(
+        ai("Refunding 80.", call("create_refund", "s80", amount=80, currency="USD",
+                                 account="acct-alice")),
+        ai("Refunding 20.", call("create_refund", "s20", amount=20, currency="USD",
+                                 account="acct-alice")),
+        ai("Refunded 20; 80 was over my limit."),
+    )
+    refund_bot = GuardedFunctionAgent(name="refund-bot", description="Refunds.",
+                                      tools=[tools["create_refund"]], llm=sub_llm,
+                                      guard=env.guard)
+    ask = agent_tool(refund_bot, name="ask_refund_bot", description="Delegate a refund.",
+                     broker=env.broker, capabilities=["refund:create amount<=20"])
+    parent_llm = scripted(ai("Delegating the refund.",
+                             call("ask_refund_bot", "p1", task="refund 80 then 20 USD")),
+                          ai("The refund bot handled it."))
+    support = GuardedFunctionAgent(name="support-agent", description="Support",
+                                   tools=[ask], llm=parent_llm, guard=env.guard)
+    token = parent_token(env)
+    _, events = await drive(await run_with_identity(support, REQUEST, token))
+
+    # the parent could refund 80; the child, created narrower, could not
+    assert token.identity.capabilities.check(
+        "refund:create", {"amount": 80, "currency": "USD", "account": "acct-alice"}).ok
+    assert backend.executed("create_refund") == [
+        {"amount": 20, "currency": "USD", "account": "acct-alice"}]
+    assert decided(env, "s80").decision.outcome == "deny"
+    child = decided(env, "s20")
+    assert child.agent_id == "refund-bot"
+    assert chain_ids(child) == ["alice@example.com", "support-agent", "refund-bot"]
+    assert child.reasoning.parent_run_id is not None  # linked to the parent's run
+    # the agent tool itself was decided for the parent, and its output screened
+    assert decided(env, "p1").agent_id == "support-agent"
+    assert results(events)["p1"].tool_output.content == "Refunded 20; 80 was over my limit."
+    # the parent's call to the agent tool is an allow without a backend execution
+    backend.record("ask_refund_bot", task="refund 80 then 20 USD")
+
+
+async def test_agent_tool_outside_a_guarded_workflow_fails(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    refund_bot = GuardedFunctionAgent(name="refund-bot", description="Refunds.",
+                                      tools=[tools["create_refund"]], llm=scripted(),
+                                      guard=env.guard)
+    ask = agent_tool(refund_bot, name="ask_refund_bot", description="x", broker=env.broker)
+    # (in a workflow, `_call_tool` turns this into an error output the model reads)
+    with pytest.raises(ConfigurationError, match="must be called from a guarded workflow"):
+        await ask.acall(task="refund", ctx=None)
+    with pytest.raises(TypeError, match="guarded workflow"):
+        agent_tool(object(), name="x", description="x", broker=env.broker)  # type: ignore[arg-type]
