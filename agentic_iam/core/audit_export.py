@@ -22,6 +22,8 @@ OCSF mapping (``metadata.version`` 1.3.0)
     approval.*, model.usage          API Activity (6003)                    99 Other
     delegation.minted / subdelegated Authorize Session (3003), category 3   1 Assign Privileges
     delegation.revoked               Account Change (3001), category 3      5 Disable
+    delegation.refused               Authorize Session (3003), category 3   1 Assign Privileges
+                                                                            (status Failure)
     ===============================  =====================================  ========================
 
     ``type_uid`` = ``class_uid * 100 + activity_id``; ``time`` = epoch milliseconds (and
@@ -320,13 +322,15 @@ def _status(event: AuditEvent) -> tuple[int, int, str]:
         return 2, 2, "approval denied"
     if kind == "delegation.revoked":
         return 1, 2, detail
+    if kind == "delegation.refused":
+        return 2, 3, detail or "delegation refused"
     return 1, 1, detail
 
 
 def to_ocsf(event: AuditEvent) -> dict[str, Any]:
     """The event as an OCSF 1.3.0 record (see the module docstring for the mapping)."""
     kind = event.event_type
-    if kind in ("delegation.minted", "delegation.subdelegated"):
+    if kind in ("delegation.minted", "delegation.subdelegated", "delegation.refused"):
         class_uid, class_name, category = 3003, "Authorize Session", _IAM
         activity_id, activity_name = 1, "Assign Privileges"
     elif kind == "delegation.revoked":

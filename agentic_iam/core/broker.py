@@ -12,6 +12,7 @@ does not cover: every check here refuses by raising, naming what was too wide.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 import uuid
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from agentic_iam.core.store.base import Store
 
 __all__ = ["DelegationBroker", "OIDCProvider"]
+
+log = logging.getLogger("agentic_iam.broker")
 
 CapabilitiesLike = CapabilitySet | Iterable[Capability | str]
 
@@ -258,6 +261,27 @@ class DelegationBroker:
             )
         return token
 
+    def _refused(self, exc: DelegationError, *, agent: str, delegator: str | None,
+                 parent: ExecutionIdentity | None = None) -> None:
+        """Put a refused delegation on the record (never the subject token itself)."""
+        if self.recorder is None:
+            return
+        code = "delegation." + (getattr(exc, "widened", None) or getattr(exc, "limit", None)
+                                or getattr(exc, "rule", None) or type(exc).__name__)
+        try:
+            self.recorder.record(
+                "delegation.refused", agent_id=agent, delegator=delegator,
+                issuer=self.issuer,
+                execution_id=parent.execution_id if parent else None,
+                jti=parent.jti if parent else None,
+                chain=parent.chain() if parent else None,
+                decision={"outcome": "deny", "reasons": [
+                    {"code": code, "message": str(exc), "policy_id": None}],
+                          "policy_ids": []},
+            )
+        except Exception:  # the refusal stands whether or not it was recorded
+            log.warning("could not record a refused delegation to `%s`", agent)
+
     @staticmethod
     def _new_ids() -> tuple[str, str]:
         return "exec_" + secrets.token_urlsafe(12), uuid.uuid4().hex
@@ -276,8 +300,24 @@ class DelegationBroker:
         *,
         depth: int = 1,
     ) -> ExecutionToken:
-        """Mint an execution token for ``agent`` on behalf of ``delegator``."""
-        principal = self._resolve_delegator(delegator)
+        """Mint an execution token for ``agent`` on behalf of ``delegator``.
+
+        Every refusal raises a :class:`DelegationError` and is recorded as
+        ``delegation.refused``.
+        """
+        principal: Principal | None = None
+        try:
+            principal = self._resolve_delegator(delegator)
+            return self._delegate(principal, agent, purpose, capabilities, ttl, budget, risk,
+                                  depth)
+        except DelegationError as exc:
+            self._refused(exc, agent=agent, delegator=principal.id if principal else None)
+            raise
+
+    def _delegate(self, principal: Principal, agent: str, purpose: str,
+                  capabilities: CapabilitiesLike, ttl: int | timedelta,
+                  budget: Budget | Mapping[str, int | None] | None, risk: int | None,
+                  depth: int) -> ExecutionToken:
         spec = self._agent(agent)
         caps = _capabilities(capabilities)
         if not len(caps):
@@ -345,12 +385,27 @@ class DelegationBroker:
         purpose: str | None = None,
         depth: int | None = None,
     ) -> ExecutionToken:
-        """Mint a child token for ``agent`` that is provably narrower than ``parent``."""
+        """Mint a child token for ``agent`` that is provably narrower than ``parent``.
+
+        Every refusal raises a :class:`DelegationError` (:class:`WideningError` naming what
+        would widen) and is recorded as ``delegation.refused``.
+        """
         token = parent.token if isinstance(parent, ExecutionToken) else parent
+        up: ExecutionIdentity | None = None
         try:
-            up = self.verifier.verify(token)
-        except TokenError as exc:
-            raise DelegationError(f"the parent token is not valid: {exc}") from exc
+            try:
+                up = self.verifier.verify(token)
+            except TokenError as exc:
+                raise DelegationError(f"the parent token is not valid: {exc}") from exc
+            return self._subdelegate(up, agent, capabilities, ttl, budget, risk, purpose, depth)
+        except DelegationError as exc:
+            self._refused(exc, agent=agent, delegator=up.delegator_id if up else None,
+                          parent=up)
+            raise
+
+    def _subdelegate(self, up: ExecutionIdentity, agent: str, capabilities: CapabilitiesLike,
+                     ttl: int | timedelta, budget: Budget | Mapping[str, int | None] | None,
+                     risk: int | None, purpose: str | None, depth: int | None) -> ExecutionToken:
         parent_agent = self.registry.get(up.agent_id)
         if parent_agent is None or parent_agent.status != "active":
             raise DelegationError(f"parent agent `{up.agent_id}` is not active in the registry")

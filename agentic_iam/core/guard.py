@@ -175,7 +175,7 @@ class Guard:
         reservation: str | None = None
         try:
             decision, reservation = self._authorize(token, call, audit)
-        except Exception as exc:
+        except Exception as exc:  # fail closed, whatever failed
             log.warning("guard step failed for `%s`: %s", call.name, type(exc).__name__)
             if reservation is not None:
                 self._release_quietly(reservation)
@@ -185,7 +185,7 @@ class Guard:
             reservation = None
         try:
             self._record_decision(decision, call, audit)
-        except Exception as exc:
+        except Exception as exc:  # the decision must be durable before the tool runs
             # The decision must be durable before the tool runs; if it cannot be, nothing runs.
             if decision.reservation_id is not None:
                 self._release_quietly(decision.reservation_id)
@@ -523,7 +523,7 @@ class Guard:
         try:
             config = self._screen_config(pending.agent.id, tool)
             result = self.firewall.screen(text, config, untrusted=untrusted)
-        except Exception as exc:
+        except Exception as exc:  # a broken screen blocks the output
             result = ScreenResult(
                 text=f"[agentic-iam: tool output blocked: screening failed ({type(exc).__name__})]",
                 findings=(), risk=0, labels=frozenset({"screen_failed"}), blocked=True,
@@ -538,7 +538,7 @@ class Guard:
             if not result.blocked:
                 source: Literal["trusted", "untrusted"] = "untrusted" if untrusted else "trusted"
                 self.observe(pending.identity, [result.text], source)
-        except Exception as exc:
+        except Exception as exc:  # taint that cannot be recorded blocks the output
             # Taint that cannot be recorded must not be silently dropped: block the output.
             result = ScreenResult(
                 text=f"[agentic-iam: tool output blocked: session update failed "
@@ -709,7 +709,7 @@ class Guard:
     def _release_quietly(self, reservation_id: str) -> None:
         try:
             self.store.release(reservation_id)
-        except Exception:
+        except Exception:  # an unsettled reservation also expires on its own
             log.warning("could not release reservation %s", reservation_id)
 
     def _screen_config(self, agent_id: str, tool: ToolSpec) -> ScreenConfig:

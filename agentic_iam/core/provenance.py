@@ -127,6 +127,7 @@ EventType = Literal[
     "delegation.minted",
     "delegation.subdelegated",
     "delegation.revoked",
+    "delegation.refused",
     "tool_call.decided",
     "tool_call.completed",
     "approval.requested",

@@ -258,3 +258,27 @@ def test_verifier_from_published_jwks(broker: DelegationBroker) -> None:
     token = refund_for_alice(broker)
     public = KeySet.from_jwks(broker.issuer, broker.keys.to_jwks())
     assert TokenVerifier(public, audience=AUD).verify(token.token) == token.identity
+
+
+def test_refused_delegations_are_on_the_record() -> None:
+    from agentic_iam import MemorySink, Recorder
+
+    sink = MemorySink()
+    registry = AgentRegistry.from_yaml(default_registry_path())
+    broker = DelegationBroker(registry, KeySet.generate("https://broker.test"), audience=AUD,
+                              recorder=Recorder([sink]))
+    with pytest.raises(CapabilityNotPermittedError):
+        broker.delegate(ALICE, "support-agent", "x", ["account:delete"], ttl=60)
+    parent = broker.delegate(ALICE, "support-agent", "x", ["refund:create amount<=100"],
+                             ttl=600, budget=Budget(tool_calls=5, cost=100))
+    with pytest.raises(WideningError):
+        broker.subdelegate(parent, "refund-bot", ["refund:create amount<=500"], ttl=60)
+    refused = [e for e in sink.events if e.event_type == "delegation.refused"]
+    assert len(refused) == 2
+    first, second = refused
+    assert first.delegator == "alice@example.com" and first.agent_id == "support-agent"
+    assert first.decision is not None and first.decision.outcome == "deny"
+    assert "account:delete" in first.decision.reasons[0].message
+    assert second.decision is not None
+    assert second.decision.reasons[0].code == "delegation.capability"
+    assert second.execution_id == parent.identity.execution_id
