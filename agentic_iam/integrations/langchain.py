@@ -633,6 +633,42 @@ class IAMCallbackHandler(BaseCallbackHandler):
         #: Usage charged so far (input and output tokens), and charges that failed.
         self.charged: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         self.failures = 0
+        # Run lineage, to skip model calls made under a sub-agent's run: LangChain merges the
+        # parent's callbacks into a nested run's config, so this handler sees the child's model
+        # calls too, and the child's own handler already charges them (and every ancestor).
+        self._parent_of: OrderedDict[Any, Any] = OrderedDict()
+        self._delegated: set[Any] = set()
+
+    def exclude_descendants_of(self, run_id: Any) -> None:
+        """Leave model calls under ``run_id`` (a sub-agent's run) to the sub-agent's handler."""
+        if run_id is not None:
+            with self._lock:
+                self._delegated.add(run_id)
+
+    def _note(self, run_id: Any, parent_run_id: Any) -> None:
+        with self._lock:
+            self._parent_of[run_id] = parent_run_id
+            while len(self._parent_of) > 4096:
+                self._parent_of.popitem(last=False)
+
+    def _under_subagent(self, run_id: Any, parent_run_id: Any) -> bool:
+        with self._lock:
+            if not self._delegated:
+                return False
+            current, steps = parent_run_id, 0
+            while current is not None and steps < 256:
+                if current in self._delegated:
+                    return True
+                current, steps = self._parent_of.get(current), steps + 1
+            return False
+
+    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: Any,
+                       parent_run_id: Any = None, **kwargs: Any) -> None:
+        self._note(run_id, parent_run_id)
+
+    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: Any,
+                      parent_run_id: Any = None, **kwargs: Any) -> None:
+        self._note(run_id, parent_run_id)
 
     def __repr__(self) -> str:
         return f"IAMCallbackHandler(charged={self.charged}, failures={self.failures})"
@@ -656,6 +692,8 @@ class IAMCallbackHandler(BaseCallbackHandler):
 
     def on_llm_end(self, response: LLMResult, *, run_id: Any,
                    parent_run_id: Any = None, **kwargs: Any) -> None:
+        if self._under_subagent(run_id, parent_run_id):
+            return
         input_tokens, output_tokens, model, messages = _usage(response)
         model = model or self.model_name
         with self._lock:
@@ -930,6 +968,7 @@ def _child_config(context: object) -> RunnableConfig:
         return {}
     manager = callbacks.copy()
     for handler in ours:
+        handler.exclude_descendants_of(callbacks.parent_run_id)
         manager.remove_handler(handler)
         manager.add_handler(handler.for_token(token), inherit=True)
     return {"callbacks": manager}

@@ -131,6 +131,9 @@ def test_child_cannot_exceed_its_grant_though_the_parent_can(
     usage = [e for e in env.sink.events if e.event_type == "model.usage"
              and e.agent_id == "refund-bot"]
     assert usage and usage[0].usage == {"input_tokens": 30, "output_tokens": 10}
+    # ... once: the parent's handler must not charge the child's model call a second time.
+    all_usage = [e for e in env.sink.events if e.event_type == "model.usage"]
+    assert [e.agent_id for e in all_usage] == ["refund-bot"]
 
 
 async def test_child_grant_on_the_async_path(env: Env, backend: Backend,
