@@ -572,7 +572,7 @@ class Guard:
             log.warning("could not settle call %s: %s", decision.call_id, exc)
         if self.recorder is not None:
             screened = pending.screened
-            state = self._session_snapshot(pending.identity)
+            state = self._session_after(pending, amounts if outcome == "success" else None)
             self.recorder.record(
                 "tool_call.completed",
                 **{**pending.audit,
@@ -660,16 +660,26 @@ class Guard:
             "tainted": bool(session.tainted_by) or "tainted" in session.labels,
         }
 
-    def _session_snapshot(self, identity: ExecutionIdentity) -> dict[str, Any]:
-        session = self.store.session_state(identity.key)
-        remaining = self.store.remaining(identity.key, identity.budget.as_dict())
-        return {
-            "call_count": session.call_count, "risk": session.risk,
-            "risk_envelope": identity.risk_envelope,
-            "budget_remaining": {k: v for k, v in remaining.items() if k != "risk"},
-            "labels": sorted(session.labels),
-            "tainted": bool(session.tainted_by) or "tainted" in session.labels,
-        }
+    @staticmethod
+    def _session_after(pending: _Pending, settled: Mapping[str, int] | None) -> dict[str, Any]:
+        """The session as this call left it, derived without another store round trip: the
+        state seen at admission plus what screening added and what settling gave back."""
+        before = dict(pending.audit.get("session") or {})
+        screened = pending.screened
+        if screened is not None:
+            before["risk"] = int(before.get("risk", 0)) + screened.risk
+            labels = set(before.get("labels", ())) | set(screened.labels)
+            if pending.tool.output_trust == "untrusted":
+                labels.add("tainted")
+            before["labels"] = sorted(labels)
+            before["tainted"] = bool(before.get("tainted")) or "tainted" in labels
+        remaining = dict(before.get("budget_remaining") or {})
+        for name, left in remaining.items():
+            if left is not None and name in pending.amounts:
+                unused = pending.amounts[name] - (settled or {}).get(name, 0)
+                remaining[name] = left + max(unused, 0)
+        before["budget_remaining"] = remaining
+        return before
 
     @staticmethod
     def _audit_base(audit: Mapping[str, Any]) -> dict[str, Any]:
