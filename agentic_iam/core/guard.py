@@ -257,9 +257,11 @@ class Guard:
             return self._deny(call, "arguments.cost", amounts, audit, identity, tool), None
         self._seed_request_values(identity)
         reservation_id = "res_" + secrets.token_hex(10)
+        targets = self._target_digests(tool, arguments)
         try:
-            admitted = self.store.admit(self._admit_request(identity, tool, amounts,
-                                                            reservation_id))
+            admitted = self.store.admit(self._admit_request(
+                identity, tool, amounts, reservation_id,
+                tuple(d for d in targets.values() if d)))
         except StoreError as exc:
             return self._deny(call, "store.unavailable", str(exc), audit, identity, tool), None
         denial = self._admission_denial(admitted, identity, tool)
@@ -271,7 +273,8 @@ class Guard:
         self._session_audit(admitted, identity, audit, after_call=tool.risk)
         # 5. policy
         try:
-            provenance = self._provenance(identity, tool, arguments)
+            provenance = {name: (admitted.value_labels.get(d, "unknown") if d else "unknown")
+                          for name, d in targets.items()}
             result = self.policy.evaluate(PolicyRequest(
                 identity=identity, agent=agent, tool=tool, arguments=arguments,
                 context=self._context(identity, tool, call, admitted, provenance),
@@ -377,7 +380,8 @@ class Guard:
         return {"tool_calls": 1, "cost": cost, "llm_tokens": 0, "risk": tool.risk}
 
     def _admit_request(self, identity: ExecutionIdentity, tool: ToolSpec,
-                       amounts: Mapping[str, int], reservation_id: str) -> AdmitRequest:
+                       amounts: Mapping[str, int], reservation_id: str,
+                       value_digests: tuple[str, ...] = ()) -> AdmitRequest:
         return AdmitRequest(
             reservation_id=reservation_id,
             session=identity.key,
@@ -392,6 +396,7 @@ class Guard:
             charges=self._charges(identity),
             amounts=amounts,
             reservation_ttl_s=self.config.reservation_ttl_s,
+            value_digests=value_digests,
         )
 
     @staticmethod
@@ -465,15 +470,11 @@ class Guard:
             return sorted(a for a in arguments if a in DEFAULT_TARGET_ARGUMENTS)
         return []
 
-    def _provenance(self, identity: ExecutionIdentity, tool: ToolSpec,
-                    arguments: Mapping[str, Any]) -> dict[str, str]:
-        targets = self.target_arguments(tool, arguments)
-        if not targets:
-            return {}
-        digests = {name: ValueIndex.digest(arguments[name]) for name in targets}
-        known = self.store.value_labels(identity.key, [d for d in digests.values() if d])
-        return {name: (known.get(d, "unknown") if d else "unknown")
-                for name, d in digests.items()}
+    def _target_digests(self, tool: ToolSpec,
+                        arguments: Mapping[str, Any]) -> dict[str, str | None]:
+        """Each target argument's value digest, looked up in the store's admit step."""
+        return {name: ValueIndex.digest(arguments[name])
+                for name in self.target_arguments(tool, arguments)}
 
     def _seed_request_values(self, identity: ExecutionIdentity) -> None:
         """Index what the delegator asked for (purpose, constraint values) once per session."""

@@ -139,6 +139,10 @@ class AdmitRequest:
     reservation_ttl_s: float = 300.0
     """An unsettled reservation expires after this long and its amounts return."""
 
+    value_digests: tuple[str, ...] = ()
+    """Argument-provenance digests to look up in the same step (``AdmitResult.value_labels``),
+    so that a call with target arguments still costs one round trip."""
+
 
 @dataclass(frozen=True)
 class SessionState:
@@ -181,6 +185,10 @@ class AdmitResult:
 
     session: SessionState
     """Session state before this call."""
+
+    value_labels: Mapping[str, str] = field(default_factory=dict)
+    """For ``admitted``: the best label of each requested digest that was seen (see
+    ``Store.value_labels``); digests never seen are absent."""
 
 
 @runtime_checkable
@@ -391,6 +399,8 @@ def check_admit(request: AdmitRequest) -> None:
         check_limits(charge.limits, f"charges[{charge.grant}].limits")
     check_amounts(request.amounts, "amounts")
     check_positive(request.reservation_ttl_s, "reservation_ttl_s")
+    for digest in request.value_digests:
+        check_key(digest, "value_digests[]")
 
 
 def check_label(label: object) -> str:
@@ -485,14 +495,16 @@ def make_result(
     retry_after_s: float,
     remaining: Mapping[str, int | None],
     session: SessionState,
+    value_labels: Mapping[str, str] | None = None,
 ) -> AdmitResult:
-    """An AdmitResult with a read-only ``remaining``."""
+    """An AdmitResult with read-only ``remaining`` and ``value_labels``."""
     return AdmitResult(
         outcome=outcome,
         detail=detail,
         retry_after_s=retry_after_s,
         remaining=MappingProxyType(dict(remaining)),
         session=session,
+        value_labels=MappingProxyType(dict(value_labels or {})),
     )
 
 

@@ -225,6 +225,15 @@ class MemoryStore:
     # --- budgets and rate limits ------------------------------------------------------------
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
+        result = self._admit(request)
+        if result.outcome != "admitted" or not request.value_digests:
+            return result
+        # Provenance labels are advisory context read after admission; no network hop here.
+        labels = self.value_labels(request.session, request.value_digests)
+        return make_result(result.outcome, result.detail, result.retry_after_s,
+                           result.remaining, result.session, labels)
+
+    def _admit(self, request: AdmitRequest) -> AdmitResult:
         check_admit(request)
         amounts = dict(request.amounts)
         grants = distinct_grants(request.charges)

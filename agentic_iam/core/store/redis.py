@@ -245,7 +245,13 @@ end
 redis.call('HSET', rk, unpack(fields))
 redis.call('PEXPIRE', rk, keep_ms)
 redis.call('ZADD', P .. 'rexp', fint(exp_ms), req.id)
-return {'admitted', '', '0', calling(), before}
+-- argument provenance in the same round trip
+local labels = {}
+local vk = P .. 'v:' .. req.session
+for i, digest in ipairs(req.values or {}) do
+  labels[i] = redis.call('HGET', vk, 'd:' .. digest) or ''
+end
+return {'admitted', '', '0', calling(), before, labels}
 """
 
 _SETTLE = r"""
@@ -545,13 +551,20 @@ class RedisStore:
                 "grants": list(grants),
                 "amounts": positive,
                 "ttl_ms": max(1, math.ceil(request.reservation_ttl_s * 1000)),
+                "values": list(request.value_digests),
             }
         )
         # The grant list is passed again as its own JSON text so the script stores it verbatim.
         reply = self._call("admit", encoded, json.dumps(list(grants)))
         if reply[0] == "duplicate":
             raise StoreError(f"reservation `{request.reservation_id}` already exists")
-        outcome, detail, retry, grant_flat, session_flat = reply
+        outcome, detail, retry, grant_flat, session_flat = reply[:5]
+        found = reply[5] if len(reply) > 5 else []
+        labels = {
+            digest: _text(label)
+            for digest, label in zip(request.value_digests, found, strict=False)
+            if _text(label)
+        }
         spent, reserved = _budget(grant_flat)
         return make_result(
             outcome,
@@ -559,6 +572,7 @@ class RedisStore:
             float(retry),
             remaining_of(result_dims(request), calling_limits, spent, reserved),
             _session(session_flat),
+            labels,
         )
 
     def settle(self, reservation_id: str, actual: Mapping[str, int]) -> None:

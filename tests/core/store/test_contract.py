@@ -55,6 +55,20 @@ def test_admit_reserves_and_reports_remaining_after_the_reservation(store: Store
     assert store.remaining(CHILD, {"cost": 100}) == {"cost": 70}
 
 
+def test_admit_looks_up_argument_provenance_in_the_same_step(store: Store) -> None:
+    from dataclasses import replace
+
+    store.add_values(CHILD, {"d-request": "request", "d-ticket": "untrusted"})
+    request = replace(req("rv1", charges=((CHILD, {"cost": 100}),), amounts={"cost": 1}),
+                      value_digests=("d-request", "d-ticket", "d-never"))
+    result = store.admit(request)
+    assert result.outcome == "admitted"
+    assert dict(result.value_labels) == {"d-request": "request", "d-ticket": "untrusted"}
+    refused = store.admit(replace(req("rv2", charges=((CHILD, {"cost": 1}),),
+                                      amounts={"cost": 5}), value_digests=("d-request",)))
+    assert refused.outcome == "budget_exhausted" and dict(refused.value_labels) == {}
+
+
 def test_remaining_reports_unlimited_as_none_but_still_counts(store: Store) -> None:
     result = store.admit(req("r1", charges=((CHILD, {"cost": None}),), amounts={"cost": 30}))
     assert result.outcome == "admitted"
