@@ -163,9 +163,9 @@ def render(report: DemoReport, console: Console) -> None:
     console.print(f"\naudit log {report.audit_path}: {report.verify.count} records, "
                   f"hash chain and signed head {verdict}")
     console.print(f"  (check it yourself: aiam audit verify {report.audit_path})")
-    for node in report.trees:
-        tree = Tree(Text(f"delegation tree — delegated by {node.delegator or 'alice'}",
-                         style="bold"))
+    for framework, node in zip(report.frameworks, report.trees, strict=False):
+        tree = Tree(Text(f"delegation tree ({framework}) — delegated by "
+                         f"{node.delegator or 'alice'}", style="bold"))
         _tree_node(tree, node)
         console.print(tree)
 
