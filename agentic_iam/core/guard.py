@@ -459,6 +459,7 @@ class Guard:
             "time": {"now": now, "hour": moment.hour, "weekday": moment.isoweekday()},
             "provenance": provenance,
             "untrusted_args": frozenset(k for k, v in provenance.items() if v == "untrusted"),
+            "secret_args": self._secret_arguments(tool, call.arguments),
         }
 
     # --- argument provenance ------------------------------------------------------------
@@ -469,6 +470,14 @@ class Guard:
         if tool.consequential:
             return sorted(a for a in arguments if a in DEFAULT_TARGET_ARGUMENTS)
         return []
+
+    def _secret_arguments(self, tool: ToolSpec, arguments: Mapping[str, Any]) -> frozenset[str]:
+        """String arguments of a consequential call that carry a secret (a key, a token, a
+        password): the firewall's secret detectors label the value, wherever it came from."""
+        if not tool.consequential:
+            return frozenset()
+        return frozenset(name for name, value in arguments.items()
+                         if isinstance(value, str) and self.firewall.redact_text(value) != value)
 
     def _target_digests(self, tool: ToolSpec,
                         arguments: Mapping[str, Any]) -> dict[str, str | None]:

@@ -141,3 +141,16 @@ def test_secrets_in_output_are_redacted_and_never_audited(make_env: EnvFactory,
     for event in memory.events:
         dumped = json.dumps(event.to_json_dict())
         assert not JWT_RE.search(dumped) and "AKIAIOSFODNN7EXAMPLE" not in dumped
+
+
+def test_a_secret_in_an_argument_is_never_sent(make_env: EnvFactory) -> None:
+    env = make_env(approver=human([]))
+    token = support_token(env)
+    leak, _ = run(env, token, "send_email", {
+        "to": "alice@example.com", "subject": "keys",
+        "body": "here you go: aws_access_key_id=AKIAIOSFODNN7EXAMPLE"})
+    assert leak.outcome == "deny"
+    assert "baseline.no-secret-in-arguments" in leak.policy_ids
+    fine, _ = run(env, token, "send_email", {
+        "to": "alice@example.com", "subject": "refund", "body": "your refund is on its way"})
+    assert fine.outcome == "allow", fine.reasons

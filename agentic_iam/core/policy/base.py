@@ -58,8 +58,9 @@ class PolicyRequest:
     of the wrong type denies the call."""
     context: Mapping[str, Any]
     """Everything else the Guard knows: ``delegation``, ``session``, ``risk``, ``budget``,
-    ``confidence`` (``None`` = absent), ``time``, ``provenance``, ``untrusted_args``. Sets may
-    be Python sets or frozensets. See ``policies/README.md`` for the exact shape."""
+    ``confidence`` (``None`` = absent), ``time``, ``provenance``, ``untrusted_args``,
+    ``secret_args``. Sets may be Python sets or frozensets. See ``policies/README.md`` for the
+    exact shape."""
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ def context_type(tools: Sequence[tuple[str, ToolSpec]]) -> dict[str, Any]:
         "time": {"type": "Time"},
         "provenance": _record({name: _optional(_STRING) for name in sorted(targets)}),
         "untrusted_args": _STRINGS,
+        "secret_args": _STRINGS,
     })
 
 

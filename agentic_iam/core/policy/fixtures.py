@@ -50,7 +50,7 @@ DEFAULT_NOW = 1767268800
 
 _KEYS = frozenset({"description", "agent", "tool", "arguments", "context", "expect", "identity"})
 _CONTEXT_KEYS = frozenset({"delegation", "session", "risk", "budget", "confidence", "time",
-                           "provenance", "untrusted_args"})
+                           "provenance", "untrusted_args", "secret_args"})
 _IDENTITY_KEYS = frozenset({"trust", "delegator", "delegator_type", "depth", "purpose"})
 _SET_FIELDS = {"delegation": ("chain_agents",), "session": ("prior_actions", "labels")}
 _OUTCOMES: tuple[PolicyOutcome, ...] = ("allow", "deny", "approval_required")
@@ -247,6 +247,7 @@ def build_request(registry: AgentRegistry, fixture: Fixture) -> PolicyRequest:
     else:
         context["untrusted_args"] = frozenset(
             k for k, v in context["provenance"].items() if v == "untrusted")
+    context["secret_args"] = frozenset(context.get("secret_args") or ())
     return PolicyRequest(identity=identity, agent=agent, tool=tool,
                          arguments=dict(fixture.arguments), context=context)
 

@@ -494,6 +494,7 @@ def test_the_sent_context_is_pruned_to_what_the_slice_reads(
         "confidence": 90,
         "delegation": {"hops": 1},
         "risk": {"call": 5, "envelope": 100, "score": 0},
+        "secret_args": [],
         "session": {"action_count": 0, "labels": [], "tainted": False},
         "untrusted_args": [],
     }

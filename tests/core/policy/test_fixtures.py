@@ -100,8 +100,9 @@ def test_requests_look_like_the_guards(tmp_path: Path, registry: AgentRegistry) 
     assert context["untrusted_args"] == frozenset({"account"})
     assert context["confidence"] == 80
     # the same keys as the Guard's context
+    assert context["secret_args"] == frozenset()
     assert set(context) == {"delegation", "session", "risk", "budget", "confidence", "time",
-                            "provenance", "untrusted_args"}
+                            "provenance", "untrusted_args", "secret_args"}
 
 
 def test_unknown_agent_or_tool_is_a_failed_fixture(tmp_path: Path,
