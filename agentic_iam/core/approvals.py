@@ -16,10 +16,11 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agentic_iam.errors import ApprovalError
+from agentic_iam.core.provenance import canonical_json as _canonical_bytes
+from agentic_iam.core.provenance import json_safe
+from agentic_iam.errors import ApprovalError, AuditError
 
 if TYPE_CHECKING:
     from agentic_iam.core.provenance import EventType, Recorder
@@ -37,22 +38,17 @@ __all__ = [
 ]
 
 
-def _default(value: object) -> object:
-    if isinstance(value, Decimal):
-        return {"$decimal": str(value)}
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    raise TypeError(f"value of type {type(value).__name__} is not JSON-serializable")
-
-
 def canonical_json(value: object) -> str:
-    """Sorted keys, compact, UTF-8, no NaN: the same bytes for the same value everywhere."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False, default=_default)
+    """Sorted keys, compact, UTF-8, no NaN: the same text for the same value everywhere.
 
-
-def arguments_digest(arguments: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(dict(arguments)).encode("utf-8")).hexdigest()
+    One definition for the whole package (:func:`agentic_iam.core.provenance.canonical_json`,
+    with ``Decimal`` and sets made JSON-safe), so that approval bindings, argument digests and
+    audit records agree. Raises ``ValueError`` for values JSON cannot hold faithfully.
+    """
+    try:
+        return _canonical_bytes(json_safe(value)).decode("utf-8")
+    except AuditError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def call_binding(execution_id: str, tool: str, arguments: Mapping[str, Any]) -> str:
