@@ -51,6 +51,12 @@ def canonical_json(value: object) -> str:
         raise ValueError(str(exc)) from None
 
 
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the arguments' canonical JSON: what audit records call
+    ``arguments_digest``."""
+    return hashlib.sha256(canonical_json(dict(arguments)).encode("utf-8")).hexdigest()
+
+
 def call_binding(execution_id: str, tool: str, arguments: Mapping[str, Any]) -> str:
     """What an approval is bound to: the execution and the exact call."""
     digest = hashlib.sha256(
