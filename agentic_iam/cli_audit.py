@@ -120,7 +120,11 @@ def load_jwks_file(path: Path) -> dict[str, Ed25519PublicKey]:
 
 def _console() -> Console:
     # Created per command so that it writes to the stdout in effect (CliRunner swaps it).
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        # Piped output keeps the timeline's columns readable instead of folding at 80.
+        console = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=180)
+    return console
 
 
 # --- verify ----------------------------------------------------------------------------------
