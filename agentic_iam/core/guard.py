@@ -277,7 +277,8 @@ class Guard:
                           for name, d in targets.items()}
             result = self.policy.evaluate(PolicyRequest(
                 identity=identity, agent=agent, tool=tool, arguments=arguments,
-                context=self._context(identity, tool, call, admitted, provenance),
+                context=self._context(identity, tool, call, arguments, admitted,
+                                      provenance),
             ))
         except Exception:
             self.store.release(reservation_id)
@@ -332,7 +333,7 @@ class Guard:
         granted = (Reason("approval.granted", "a human approved this exact call",
                           None), *reasons)
         return self._allow(call, identity, tool, arguments, reservation_id, admitted, granted,
-                           audit, self.registry.get(identity.agent_id) or agent, amounts,
+                           audit, agent, amounts,
                            approval_id=request.request_id if request else None)
 
     def _allow(self, call: ToolCall, identity: ExecutionIdentity, tool: ToolSpec,
@@ -430,6 +431,7 @@ class Guard:
         return None
 
     def _context(self, identity: ExecutionIdentity, tool: ToolSpec, call: ToolCall,
+                 arguments: Mapping[str, Any],
                  admitted: AdmitResult, provenance: dict[str, str]) -> dict[str, Any]:
         session = admitted.session
         now = int(self._clock())
@@ -459,7 +461,7 @@ class Guard:
             "time": {"now": now, "hour": moment.hour, "weekday": moment.isoweekday()},
             "provenance": provenance,
             "untrusted_args": frozenset(k for k, v in provenance.items() if v == "untrusted"),
-            "secret_args": self._secret_arguments(tool, call.arguments),
+            "secret_args": self._secret_arguments(tool, arguments),
         }
 
     # --- argument provenance ------------------------------------------------------------

@@ -508,6 +508,16 @@ def make_result(
     )
 
 
+def with_value_labels(store: Store, request: AdmitRequest, result: AdmitResult) -> AdmitResult:
+    """``result`` with the request's provenance labels, for stores without a network hop
+    (memory, SQLite): the labels are advisory context read right after admission."""
+    if result.outcome != "admitted" or not request.value_digests:
+        return result
+    labels = store.value_labels(request.session, request.value_digests)
+    return make_result(result.outcome, result.detail, result.retry_after_s, result.remaining,
+                       result.session, labels)
+
+
 def add_taint(sources: list[str], source: str | None) -> list[str]:
     """Append a taint source once, keeping the newest ``MAX_TAINT_SOURCES``."""
     if source is None or source in sources:

@@ -53,6 +53,7 @@ from agentic_iam.core.store.base import (
     remaining_of,
     result_dims,
     settled_amount,
+    with_value_labels,
 )
 from agentic_iam.errors import ApprovalError, StoreError, StoreUnavailableError
 
@@ -320,13 +321,7 @@ class SqliteStore:
     # --- budgets and rate limits ------------------------------------------------------------
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
-        result = self._admit(request)
-        if result.outcome != "admitted" or not request.value_digests:
-            return result
-        # Provenance labels are advisory context read after admission; no network hop here.
-        labels = self.value_labels(request.session, request.value_digests)
-        return make_result(result.outcome, result.detail, result.retry_after_s,
-                           result.remaining, result.session, labels)
+        return with_value_labels(self, request, self._admit(request))
 
     def _admit(self, request: AdmitRequest) -> AdmitResult:
         check_admit(request)
