@@ -40,7 +40,8 @@ echo a token or a secret.
     ├── AuthorizationDenied           raised by ``enforce``; carries the Decision
     ├── ApprovalError                 approval requests that are unknown, stale or already used
     ├── StoreError                    a store operation failed
-    │   └── StoreUnavailableError     down or slower than its timeout
+    │   ├── StoreUnavailableError     down or slower than its timeout
+    │   └── StoreStateLostError       the store lost its state (no epoch): deny until re-initialised
     ├── AuditError                    a durable audit sink failed to record
     │   └── AuditIntegrityError       a log that does not verify
     └── FirewallError                 a screening step failed (its output is blocked)
@@ -85,6 +86,7 @@ __all__ = [
     "RegistryError",
     "RevokedTokenError",
     "StoreError",
+    "StoreStateLostError",
     "StoreUnavailableError",
     "SubjectTokenError",
     "TokenError",
@@ -321,6 +323,19 @@ class StoreError(AgenticIAMError):
 
 class StoreUnavailableError(StoreError):
     """The store is down or slower than its timeout."""
+
+
+class StoreStateLostError(StoreError):
+    """The store no longer holds the state this client saw: deny until an operator acts.
+
+    Raised when the store's epoch is missing (Redis restarted without persistence, the SQLite
+    file was deleted or replaced, or the store was never initialised). ``store`` names the
+    store (path or URL without credentials).
+    """
+
+    def __init__(self, message: str, *, store: str) -> None:
+        self.store = store
+        super().__init__(message)
 
 
 class AuditError(AgenticIAMError):
