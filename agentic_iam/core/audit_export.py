@@ -21,7 +21,8 @@ OCSF mapping (``metadata.version`` 1.3.0)
                                                                             else 99 Other
     approval.*, model.usage          API Activity (6003)                    99 Other
     delegation.minted / subdelegated Authorize Session (3003), category 3   1 Assign Privileges
-    delegation.revoked               Account Change (3001), category 3      5 Disable
+    delegation.revoked,              Account Change (3001), category 3      5 Disable
+    execution.ended / .suspended
     delegation.refused               Authorize Session (3003), category 3   1 Assign Privileges
                                                                             (status Failure)
     ===============================  =====================================  ========================
@@ -320,8 +321,10 @@ def _status(event: AuditEvent) -> tuple[int, int, str]:
         return 99, 2, "approval requested"
     if kind == "approval.denied":
         return 2, 2, "approval denied"
-    if kind == "delegation.revoked":
+    if kind in ("delegation.revoked", "execution.ended"):
         return 1, 2, detail
+    if kind == "execution.suspended":
+        return 2, 3, detail or "execution suspended"
     if kind == "delegation.refused":
         return 2, 3, detail or "delegation refused"
     return 1, 1, detail
@@ -333,7 +336,7 @@ def to_ocsf(event: AuditEvent) -> dict[str, Any]:
     if kind in ("delegation.minted", "delegation.subdelegated", "delegation.refused"):
         class_uid, class_name, category = 3003, "Authorize Session", _IAM
         activity_id, activity_name = 1, "Assign Privileges"
-    elif kind == "delegation.revoked":
+    elif kind in ("delegation.revoked", "execution.ended", "execution.suspended"):
         class_uid, class_name, category = 3001, "Account Change", _IAM
         activity_id, activity_name = 5, "Disable"
     else:

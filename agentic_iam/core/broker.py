@@ -74,6 +74,16 @@ def _seconds(ttl: int | timedelta) -> int:
     return seconds
 
 
+def _sub_purpose(requested: object, inherited: str | None) -> str | None:
+    """A child's sub-purpose: the parent's unless a new one is given (a non-empty string)."""
+    if requested is None:
+        return inherited
+    if not isinstance(requested, str) or not requested.strip() or len(requested) > 1024:
+        raise DelegationError("a sub-purpose must be a non-empty string of at most 1024 "
+                              "characters")
+    return requested
+
+
 def _budget(value: Budget | Mapping[str, int | None] | None) -> Budget | None:
     if value is None or isinstance(value, Budget):
         return value
@@ -257,7 +267,9 @@ class DelegationBroker:
                 parent_execution_id=parent_execution_id,
                 extra={"expires_at": str(identity.expires_at),
                        "budget": canonical_json(identity.budget.as_dict()),
-                       "risk_envelope": str(identity.risk_envelope)},
+                       "risk_envelope": str(identity.risk_envelope),
+                       **({"sub_purpose": identity.sub_purpose}
+                          if identity.sub_purpose is not None else {})},
             )
         return token
 
@@ -480,7 +492,10 @@ class DelegationBroker:
             delegator_type=up.delegator_type, delegator_id=up.delegator_id,
             delegator_issuer=up.delegator_issuer,
             actors=(Actor(spec.id, execution_id), *up.actors),
-            purpose=purpose if purpose is not None else up.purpose,
+            # The consented purpose is the delegator's: a parent agent may add a narrower
+            # sub-purpose (recorded as such), never rewrite what the human agreed to.
+            purpose=up.purpose,
+            sub_purpose=_sub_purpose(purpose, up.sub_purpose),
             capabilities=caps, budget=Budget(**values), risk_envelope=envelope,
             depth=child_depth, ancestors=(*up.ancestors, up.jti),
             ancestor_budgets=(*up.ancestor_budgets, up.budget),
@@ -532,6 +547,26 @@ class DelegationBroker:
         if ttl is None:
             ttl = max(1, min(up.expires_at - int(self._clock()), spec.max_ttl_s))
         return self.subdelegate(token, agent, caps, ttl, budget, purpose=purpose)
+
+    def end(self, token: ExecutionToken | ExecutionIdentity | str, *,
+            reason: str = "completed") -> None:
+        """End an execution when its task is done: the token and every token sub-delegated
+        from it stop working (revocation reaches descendants through their ancestors), and an
+        ``execution.ended`` event is recorded. Idempotent."""
+        if isinstance(token, ExecutionToken):
+            identity = token.identity
+        elif isinstance(token, ExecutionIdentity):
+            identity = token
+        else:
+            identity = self.verifier.verify(token, check_revocation=False)
+        self.store.revoke(identity.key, expires_at=identity.expires_at)
+        if self.recorder is not None:
+            self.recorder.record(
+                "execution.ended", execution_id=identity.execution_id, jti=identity.jti,
+                issuer=identity.issuer, chain=identity.chain(), delegator=identity.delegator_id,
+                agent_id=identity.agent_id, purpose=identity.purpose,
+                extra={"reason": reason},
+            )
 
     def revoke(self, token: ExecutionToken | ExecutionIdentity | str, *,
                expires_at: int | None = None) -> str:

@@ -94,6 +94,10 @@ class Decision:
     arguments: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """For ``allow``: a private copy of the checked arguments. Run the tool with these, never
     with the model's original object, which may change after the check."""
+    ticket: str | None = field(default=None, repr=False, compare=False)
+    """Internal: for ``allow``, the Guard-issued handle of the call's pending state. ``screen``
+    and ``complete`` find the call by this handle, never by the model's or framework's call id,
+    so a second call reusing a call id cannot take over the first call's state."""
 
     @property
     def allowed(self) -> bool:

@@ -1436,6 +1436,30 @@ def _canon_url(url: str) -> str:
         return url
 
 
+# Dashes and minus signs that render like "-": an id written with U+2010 is the same id.
+_DASHES = str.maketrans(dict.fromkeys(
+    "\u2010\u2011\u2012\u2013\u2014\u2015\u2043\u2212\ufe58\ufe63\uff0d", "-"))
+# Characters that render as nothing or as plain space (format characters, including the ones
+# _INVISIBLE strips from outputs, and the bidi marks it keeps for display).
+_VALUE_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+                              "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f"
+                              "\ufeff\uffa0\U000e0000-\U000e0fff]")
+
+
+def normalize_value_text(text: str) -> str:
+    """The form text is searched for values in (argument provenance); keys are then case folded.
+
+    NFKC (fullwidth ``ＡＣＣ－６６６`` is ``ACC-666``), invisible and format characters removed
+    (zero-width, bidi controls, tags, variation selectors), dash variants mapped to ``-``. With
+    the case folding of :func:`_canon_key`, a value written with another case, a zero-width
+    space, fullwidth letters or a U+2010 hyphen is the same value as the plain one, wherever it
+    was seen.
+    """
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", _VALUE_INVISIBLE.sub("", text)).translate(_DASHES)
+
+
 def _canon_key(value: object) -> str | None:
     """The one canonical form of a value: every way of writing it maps to the same key."""
     if isinstance(value, bool):
@@ -1448,7 +1472,7 @@ def _canon_key(value: object) -> str | None:
         return _canon_number(Decimal(repr(value))) if math.isfinite(value) else None
     if not isinstance(value, str):
         return None
-    s = value.strip()
+    s = normalize_value_text(value).strip()
     if not s:
         return None
     if _NUMBER_FULL.fullmatch(s):
@@ -1459,14 +1483,14 @@ def _canon_key(value: object) -> str | None:
     if _EMAIL.fullmatch(s):
         return "s:" + s.casefold()
     if _URL.fullmatch(s):
-        return "s:" + _canon_url(s)
+        return "s:" + _canon_url(s).casefold()
     compact = s.replace(" ", "").upper()
     if _IBAN_CANDIDATE.fullmatch(s.upper()) and _iban_valid(compact):
-        return "s:" + compact
+        return "s:" + compact.casefold()
     if _DOMAIN.fullmatch(s):
         host = _canon_host(s)
-        return "s:" + host if host else None
-    return "s:" + s
+        return "s:" + host.casefold() if host else None
+    return "s:" + s.casefold()
 
 
 def _extract(text: str) -> Iterator[str]:
@@ -1613,6 +1637,7 @@ def _collect(value: object, out: dict[str, None], *, depth: int) -> None:
             _collect(item, out, depth=depth + 1)
         return
     if isinstance(value, str):
+        value = normalize_value_text(value)
         if len(value.strip()) <= _WHOLE_TEXT_LIMIT:
             whole = ValueIndex.digest(value)
             if whole is not None:

@@ -43,7 +43,13 @@ from agentic_iam.core.firewall import (
     ValueIndex,
 )
 from agentic_iam.core.identity import AgentSpec, ExecutionIdentity, ToolSpec
-from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest
+from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest, unverified_arguments
+from agentic_iam.core.recipients import (
+    INVALID_DOMAIN,
+    parse_recipients,
+    recipient_argument_names,
+    recipients_context,
+)
 from agentic_iam.core.registry import AgentRegistry
 from agentic_iam.core.store.base import AdmitRequest, AdmitResult, Charge, RateLimit, Store
 from agentic_iam.core.tokens import ExecutionToken, TokenVerifier
@@ -63,6 +69,11 @@ if TYPE_CHECKING:
 __all__ = ["Guard", "GuardConfig", "Screened"]
 
 log = logging.getLogger("agentic_iam.guard")
+
+#: How many used call ids the Guard remembers (per process) to refuse their reuse.
+_MAX_USED_CALL_IDS = 200_000
+#: Attempts to record a call's spend before its execution is suspended.
+_SETTLE_ATTEMPTS = 3
 
 TokenLike = str | ExecutionToken | ExecutionIdentity
 _TOKEN_CODES: dict[type[TokenError], str] = {
@@ -106,7 +117,7 @@ class Screened:
 
 @dataclass
 class _Pending:
-    """What ``complete`` needs about an allowed call (kept by the Guard, keyed by call id)."""
+    """What ``complete`` needs about an allowed call (kept by the Guard, keyed by its ticket)."""
 
     identity: ExecutionIdentity
     agent: AgentSpec
@@ -117,6 +128,7 @@ class _Pending:
     started: float
     screened: ScreenResult | None = None
     audit: dict[str, Any] = field(default_factory=dict)
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 class Guard:
@@ -149,8 +161,14 @@ class Guard:
         self.approvals = ApprovalManager(store, approver, ttl_s=self.config.approval_ttl_s,
                                          recorder=recorder, clock=clock)
         self._clock = clock
-        # Keyed by (execution, call id): providers and scripted models reuse call ids across runs.
-        self._pending: dict[tuple[str | None, str], _Pending] = {}
+        # Allowed calls waiting for screen/complete, keyed by a ticket the Guard issues: a key the
+        # model or framework chose (a call id) could be reused to take over another call's state.
+        self._pending: dict[str, _Pending] = {}
+        # (session key, call id) of every call id that was allowed (or is being decided): a call
+        # id is single-use per execution. Bounded; the oldest are forgotten first.
+        self._used_calls: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Executions whose spend could not be recorded: they may not make another call.
+        self._suspended: dict[str, str] = {}
         self._lock = threading.Lock()
         self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
         self._seeded: OrderedDict[str, None] = OrderedDict()
@@ -173,8 +191,9 @@ class Guard:
             call = replace(call, call_id=call_id)
         audit: dict[str, Any] = {"tool": call.name, "call_id": call_id}
         reservation: str | None = None
+        claimed: list[tuple[str, str]] = []
         try:
-            decision, reservation = self._authorize(token, call, audit)
+            decision, reservation = self._authorize(token, call, audit, claimed)
         except Exception as exc:  # fail closed, whatever failed
             log.warning("guard step failed for `%s`: %s", call.name, type(exc).__name__)
             if reservation is not None:
@@ -189,13 +208,18 @@ class Guard:
             # The decision must be durable before the tool runs; if it cannot be, nothing runs.
             if decision.reservation_id is not None:
                 self._release_quietly(decision.reservation_id)
-            with self._lock:
-                self._pending.pop((decision.execution_id, call_id), None)
+            if decision.ticket is not None:
+                with self._lock:
+                    self._pending.pop(decision.ticket, None)
             decision = Decision("deny", (Reason("audit.failed",
                                                 f"the audit record could not be written "
                                                 f"({type(exc).__name__})"),),
                                 call_id, call.name, decision.action, decision.execution_id)
         with self._lock:
+            if not decision.allowed:
+                # Only an allowed call uses up its id: a refused or paused call may be retried.
+                for used in claimed:
+                    self._used_calls.pop(used, None)
             self.stats[decision.outcome] += 1
         return decision
 
@@ -216,8 +240,8 @@ class Guard:
         # Revocation is checked atomically in the store's admit step (one round trip).
         return self.verifier.verify(raw, check_revocation=False)
 
-    def _authorize(self, token: TokenLike, call: ToolCall,
-                   audit: dict[str, Any]) -> tuple[Decision, str | None]:
+    def _authorize(self, token: TokenLike, call: ToolCall, audit: dict[str, Any],
+                   claimed: list[tuple[str, str]]) -> tuple[Decision, str | None]:
         # 1. token
         try:
             identity = self._identity(token)
@@ -226,6 +250,13 @@ class Guard:
                         "token.invalid")
             return self._deny(call, code, str(exc), audit), None
         self._identity_audit(identity, audit)
+        suspended = self._suspension(identity)
+        if suspended is not None:
+            return self._deny(call, "execution.suspended", suspended, audit, identity), None
+        if not self._claim_call_id(identity, call.call_id or "", claimed):
+            return self._deny(call, "call.reused",
+                              f"call id `{call.call_id}` was already used in this execution; "
+                              f"every tool call needs a new id", audit, identity), None
         # 2. registry
         agent = self.registry.get(identity.agent_id)
         if agent is None:
@@ -261,7 +292,7 @@ class Guard:
         try:
             admitted = self.store.admit(self._admit_request(
                 identity, tool, amounts, reservation_id,
-                tuple(d for d in targets.values() if d)))
+                tuple(dict.fromkeys(d for ds in targets.values() for d in ds if d))))
         except StoreError as exc:
             return self._deny(call, "store.unavailable", str(exc), audit, identity, tool), None
         denial = self._admission_denial(admitted, identity, tool)
@@ -273,8 +304,8 @@ class Guard:
         self._session_audit(admitted, identity, audit, after_call=tool.risk)
         # 5. policy
         try:
-            provenance = {name: (admitted.value_labels.get(d, "unknown") if d else "unknown")
-                          for name, d in targets.items()}
+            provenance = {name: _least_trusted(admitted.value_labels, digests)
+                          for name, digests in targets.items()}
             result = self.policy.evaluate(PolicyRequest(
                 identity=identity, agent=agent, tool=tool, arguments=arguments,
                 context=self._context(identity, tool, call, arguments, admitted,
@@ -342,14 +373,42 @@ class Guard:
                amounts: dict[str, int], approval_id: str | None = None) -> Decision:
         call_id = call.call_id or ""
         checked = copy.deepcopy(dict(arguments))
+        ticket = secrets.token_urlsafe(18)
         with self._lock:
-            self._pending[(identity.execution_id, call_id)] = _Pending(
+            self._pending[ticket] = _Pending(
                 identity, agent, tool, call, reservation_id, amounts, self._clock(),
-                audit=self._audit_base(audit))
+                audit=self._audit_base(audit), arguments=copy.deepcopy(checked))
         return Decision("allow", reasons or (Reason("policy.permit", "allowed"),), call_id,
                         call.name, tool.action, identity.execution_id,
                         approval_id=approval_id, reservation_id=reservation_id,
-                        remaining=dict(admitted.remaining), arguments=checked)
+                        remaining=dict(admitted.remaining), arguments=checked, ticket=ticket)
+
+    def _claim_call_id(self, identity: ExecutionIdentity, call_id: str,
+                       claimed: list[tuple[str, str]]) -> bool:
+        """Reserve ``call_id`` for this execution, or False when it was used already.
+
+        Checked and claimed under one lock so that two concurrent calls with one id cannot both
+        pass; ``authorize`` gives the claim back unless the call is allowed.
+        """
+        key = (identity.key, call_id)
+        with self._lock:
+            if key in self._used_calls:
+                return False
+            self._used_calls[key] = None
+            while len(self._used_calls) > _MAX_USED_CALL_IDS:
+                self._used_calls.popitem(last=False)
+        claimed.append(key)
+        return True
+
+    def _suspension(self, identity: ExecutionIdentity) -> str | None:
+        if not self._suspended:
+            return None
+        with self._lock:
+            for key in (identity.key, *identity.ancestor_keys):
+                why = self._suspended.get(key)
+                if why is not None:
+                    return why
+        return None
 
     # --- pieces of authorize ------------------------------------------------------------
 
@@ -385,7 +444,7 @@ class Guard:
                        value_digests: tuple[str, ...] = ()) -> AdmitRequest:
         return AdmitRequest(
             reservation_id=reservation_id,
-            session=identity.key,
+            session=identity.session_key,
             action=tool.action,
             revocation_keys=(identity.key, *identity.ancestor_keys),
             rate_limits=(
@@ -436,6 +495,7 @@ class Guard:
         session = admitted.session
         now = int(self._clock())
         moment = datetime.fromtimestamp(now, tz=timezone.utc)
+        tainted = bool(session.tainted_by) or "tainted" in session.labels
         return {
             "delegation": {
                 "delegator": identity.delegator_id,
@@ -451,7 +511,7 @@ class Guard:
                 "action_count": session.action_counts.get(tool.action, 0),
                 "prior_actions": frozenset(session.action_counts),
                 "labels": frozenset(session.labels),
-                "tainted": bool(session.tainted_by) or "tainted" in session.labels,
+                "tainted": tainted,
             },
             "risk": {"score": session.risk, "envelope": identity.risk_envelope,
                      "call": tool.risk},
@@ -461,8 +521,14 @@ class Guard:
             "time": {"now": now, "hour": moment.hour, "weekday": moment.isoweekday()},
             "provenance": provenance,
             "untrusted_args": frozenset(k for k, v in provenance.items() if v == "untrusted"),
+            "unverified_args": unverified_arguments(provenance, tainted=tainted),
             "secret_args": self._secret_arguments(tool, arguments),
+            **self._recipients(tool, arguments),
         }
+
+    @staticmethod
+    def _recipients(tool: ToolSpec, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        return recipients_context(tool.recipient_arguments, arguments)
 
     # --- argument provenance ------------------------------------------------------------
 
@@ -482,14 +548,33 @@ class Guard:
                          if isinstance(value, str) and self.firewall.redact_text(value) != value)
 
     def _target_digests(self, tool: ToolSpec,
-                        arguments: Mapping[str, Any]) -> dict[str, str | None]:
-        """Each target argument's value digest, looked up in the store's admit step."""
-        return {name: ValueIndex.digest(arguments[name])
-                for name in self.target_arguments(tool, arguments)}
+                        arguments: Mapping[str, Any]) -> dict[str, tuple[str | None, ...]]:
+        """Each target argument's value digests, looked up in the store's admit step.
+
+        A recipient list has one digest per address: ``"a@x.com, b@y.com"`` is as trusted as
+        its least trusted address, not as the string (which nobody ever saw whole).
+        """
+        out: dict[str, tuple[str | None, ...]] = {}
+        recipient_names = recipient_argument_names(tool.recipient_arguments, arguments)
+        for name in self.target_arguments(tool, arguments):
+            value = arguments[name]
+            if name in recipient_names:
+                parsed = parse_recipients({name: value}, (name,))
+                if parsed.addresses and INVALID_DOMAIN not in parsed.domains:
+                    out[name] = tuple(ValueIndex.digest(a) for a in sorted(parsed.addresses))
+                    continue
+            out[name] = (ValueIndex.digest(value),)
+        return out
+
 
     def _seed_request_values(self, identity: ExecutionIdentity) -> None:
-        """Index what the delegator asked for (purpose, constraint values) once per session."""
-        if identity.key in self._seeded:
+        """Index what the delegator asked for (purpose, constraint values) once per session.
+
+        Only the root execution speaks for the delegator: a child's purpose and constraint
+        values were written by the parent agent, possibly from untrusted content, so they are
+        never indexed as the request (the child shares the root's session and sees its values).
+        """
+        if identity.ancestors or identity.key in self._seeded:
             return
         values: list[object] = [identity.purpose]
         for capability in identity.capabilities:
@@ -516,14 +601,14 @@ class Guard:
             for digest in ValueIndex.digests_of(value):
                 digests[digest] = source
         if digests:
-            self.store.add_values(identity.key, digests)
+            self.store.add_values(identity.session_key, digests)
 
     # --- screening and completion -------------------------------------------------------
 
     def screen(self, decision: Decision, output: object) -> Screened:
         """Screen a tool's output before the model sees it (never raises; blocks on error)."""
         with self._lock:
-            pending = self._pending.get((decision.execution_id, decision.call_id))
+            pending = self._pending.get(decision.ticket) if decision.ticket else None
         if pending is None or not decision.allowed:
             result = ScreenResult(text="[agentic-iam: output withheld: no allowed call]",
                                   findings=(), risk=0, labels=frozenset(), blocked=True,
@@ -544,12 +629,11 @@ class Guard:
         if untrusted:
             labels.add("tainted")
         try:
-            self.store.add_risk(pending.identity.key, result.risk, labels,
+            self.store.add_risk(pending.identity.session_key, result.risk, labels,
                                 tainted_by=f"tool:{tool.name}#{decision.call_id}"
                                 if untrusted else None)
             if not result.blocked:
-                source: Literal["trusted", "untrusted"] = "untrusted" if untrusted else "trusted"
-                self.observe(pending.identity, [result.text], source)
+                self._observe_output(pending, result.text, untrusted)
         except Exception as exc:  # taint that cannot be recorded blocks the output
             # Taint that cannot be recorded must not be silently dropped: block the output.
             result = ScreenResult(
@@ -560,31 +644,60 @@ class Guard:
         pending.screened = result
         return Screened(result.text, result)
 
-    def complete(self, decision: Decision, outcome: Literal["success", "error"] = "success",
+    def _observe_output(self, pending: _Pending, text: str, untrusted: bool) -> None:
+        """Index what the output names, as trusted or untrusted content.
+
+        A tool that repeats its own arguments ("no article matches 'ACC-666'") is not a source
+        for them: values that were arguments of this call keep the label they had, so a trusted
+        tool cannot be used to launder a value the model got from untrusted content.
+        """
+        digests = ValueIndex.digests_of(text)
+        if not untrusted:
+            echoed = set(ValueIndex.digests_of(pending.arguments))
+            digests = [d for d in digests if d not in echoed]
+        if digests:
+            source = "untrusted" if untrusted else "trusted"
+            self.store.add_values(pending.identity.session_key, dict.fromkeys(digests, source))
+
+    def complete(self, decision: Decision,
+                 outcome: Literal["success", "error", "cancelled"] = "success",
                  *, actual_cost: int | None = None) -> None:
-        """Settle the call's budget and record its result. Idempotent per call."""
+        """Settle the call's budget and record its result. Idempotent per call.
+
+        ``success`` and ``error`` both charge the call: a tool that raised may have had its side
+        effect already (a payment sent, then a timeout), so the reserved amounts are spent unless
+        ``actual_cost`` states the cost. Only ``cancelled`` — the tool was never started — gives
+        the reservation back. If the spend cannot be recorded after a few attempts, the execution
+        is suspended (its later calls deny) and the failure is recorded: an unrecorded spend
+        would otherwise expire with its reservation and the budget would be spent twice.
+        """
         with self._lock:
-            pending = self._pending.pop((decision.execution_id, decision.call_id), None)
+            pending = self._pending.pop(decision.ticket, None) if decision.ticket else None
         if pending is None:
             return
         amounts = dict(pending.amounts)
         if actual_cost is not None and type(actual_cost) is int and actual_cost >= 0:
             amounts["cost"] = min(actual_cost, amounts["cost"])
+        charged = outcome != "cancelled"
+        if charged:
+            failure = self._settle(pending.reservation_id, amounts)
+            if failure is not None:
+                self._suspend(pending.identity,
+                              f"the spend of call `{decision.call_id}` could not be recorded "
+                              f"({failure}); the execution is suspended", decision)
+        else:
+            self._release_quietly(pending.reservation_id)
         try:
-            if outcome == "success":
-                self.store.settle(pending.reservation_id, amounts)
-            else:
-                self.store.release(pending.reservation_id)
-            self.store.append_event(pending.identity.key, {
+            self.store.append_event(pending.identity.session_key, {
                 "call_id": decision.call_id, "tool": pending.tool.name,
                 "action": pending.tool.action, "outcome": outcome,
                 "time": int(self._clock()),
             }, max_events=self.config.session_events)
         except StoreError as exc:
-            log.warning("could not settle call %s: %s", decision.call_id, exc)
+            log.warning("could not record call %s in the session: %s", decision.call_id, exc)
         if self.recorder is not None:
             screened = pending.screened
-            state = self._session_after(pending, amounts if outcome == "success" else None)
+            state = self._session_after(pending, amounts if charged else None)
             self.recorder.record(
                 "tool_call.completed",
                 **{**pending.audit,
@@ -596,9 +709,77 @@ class Guard:
                        "output_digest": hashlib.sha256(screened.text.encode()).hexdigest()
                        if screened is not None else None,
                        "output_labels": sorted(screened.labels) if screened else [],
-                       "budget_settled": amounts if outcome == "success" else {},
+                       "budget_settled": amounts if charged else {},
                    }},
             )
+
+    def cancel(self, decision: Decision) -> None:
+        """An allowed call whose tool was never started: give its reservation back."""
+        self.complete(decision, "cancelled")
+
+    def _settle(self, reservation_id: str, amounts: Mapping[str, int]) -> str | None:
+        """Settle, retrying a failing store; the last failure's description, or None."""
+        failure: str | None = None
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                self.store.settle(reservation_id, amounts)
+                return None
+            except Exception as exc:  # retried, then the execution is suspended
+                failure = f"{type(exc).__name__}: {exc}"
+                log.warning("settling %s failed (attempt %d): %s", reservation_id,
+                            attempt + 1, failure)
+                if attempt + 1 < _SETTLE_ATTEMPTS:
+                    time.sleep(0.05 * (attempt + 1))
+        return failure
+
+    def _suspend(self, identity: ExecutionIdentity, why: str,
+                 decision: Decision | None = None) -> None:
+        """Stop an execution in this process at once, and everywhere through the store."""
+        with self._lock:
+            self._suspended[identity.key] = why
+        try:
+            self.store.revoke(identity.key, expires_at=identity.expires_at)
+        except Exception as exc:  # the in-process suspension still holds
+            log.warning("could not revoke suspended execution %s: %s", identity.execution_id,
+                        type(exc).__name__)
+        if self.recorder is not None:
+            audit: dict[str, Any] = {}
+            self._identity_audit(identity, audit)
+            self.recorder.record(
+                "execution.suspended", **audit,
+                **({"tool": decision.tool, "call_id": decision.call_id,
+                    "action": decision.action} if decision is not None else {}),
+                decision={"outcome": "deny",
+                          "reasons": [{"code": "execution.suspended", "message": why,
+                                       "policy_id": None}],
+                          "policy_ids": []})
+
+    def end_execution(self, token: TokenLike, *, reason: str = "completed") -> None:
+        """End an execution: its token, and every token sub-delegated from it, stop working.
+
+        Adapters call this when a run finishes ("when the task ends, the identity is gone").
+        The token's ``jti`` is revoked in the store (children are refused through their
+        ancestors), calls still pending in this process are charged, and an
+        ``execution.ended`` event is recorded. Idempotent.
+        """
+        identity = token if isinstance(token, ExecutionIdentity) else self.verifier.verify(
+            token.token if isinstance(token, ExecutionToken) else token, check_revocation=False)
+        self.store.revoke(identity.key, expires_at=identity.expires_at)
+        with self._lock:
+            orphans = [ticket for ticket, p in self._pending.items()
+                       if p.identity.key == identity.key
+                       or identity.key in p.identity.ancestor_keys]
+        for ticket in orphans:
+            with self._lock:
+                pending = self._pending.get(ticket)
+            if pending is not None:
+                self.complete(Decision("allow", (), pending.call.call_id or "", pending.tool.name,
+                                       pending.tool.action, pending.identity.execution_id,
+                                       ticket=ticket), "error")
+        if self.recorder is not None:
+            audit: dict[str, Any] = {}
+            self._identity_audit(identity, audit)
+            self.recorder.record("execution.ended", **audit, extra={"reason": reason})
 
     def charge_usage(self, token: TokenLike, *, input_tokens: int, output_tokens: int,
                      model: str | None = None, framework: str | None = None) -> None:
@@ -716,7 +897,7 @@ class Guard:
             fields["extra"] = {"approval_id": decision.approval_id}
         self.recorder.record("tool_call.decided", **fields)
         with self._lock:
-            pending = self._pending.get((decision.execution_id, decision.call_id))
+            pending = self._pending.get(decision.ticket) if decision.ticket else None
             if pending is not None:
                 pending.audit.update(reasoning=fields["reasoning"],
                                      framework=fields["framework"],
@@ -747,6 +928,16 @@ class Guard:
         self.store.close()
         if self.recorder is not None:
             self.recorder.close()
+
+
+_LABEL_ORDER = ("untrusted", "unknown", "trusted", "request")
+
+
+def _least_trusted(labels: Mapping[str, str], digests: Iterable[str | None]) -> str:
+    """The worst provenance among a target's digests (an unindexable value is unknown)."""
+    found = [labels.get(d, "unknown") if d else "unknown" for d in digests] or ["unknown"]
+    return min(found, key=lambda label: _LABEL_ORDER.index(label)
+               if label in _LABEL_ORDER else 0)
 
 
 def _to_text(output: object) -> str:

@@ -136,6 +136,10 @@ class ToolSpec:
     """Name of an integer argument that carries the call's cost (e.g. ``amount``)."""
     target_arguments: frozenset[str] = frozenset()
     """Arguments that name a target (recipient, account, URL...) and need provenance."""
+    recipient_arguments: frozenset[str] | None = None
+    """Arguments holding e-mail recipient lists, parsed into ``context.recipients`` and
+    ``context.recipient_domains``; ``None`` = the usual names (``to``, ``cc``, ``bcc``,
+    ``recipient``, ``recipients``, ``reply_to``)."""
     arguments: Mapping[str, str] = field(default_factory=dict)
     """Declared argument types (``Long``, ``String``, ``Bool``, ``Decimal``; ``?`` = optional)
     for the policy schema."""
@@ -241,6 +245,9 @@ class ExecutionIdentity:
     ancestor_budgets: tuple[Budget, ...] = ()
     """The budget of each ancestor grant (aligned with ``ancestors``): a child's spend is
     charged to every ancestor against that ancestor's own limits."""
+    sub_purpose: str | None = None
+    """For a sub-delegation: the narrower part of the task the parent agent handed on, in its
+    own words. ``purpose`` stays what the delegator consented to; this never replaces it."""
 
     @property
     def key(self) -> str:
@@ -250,6 +257,16 @@ class ExecutionIdentity:
     @property
     def ancestor_keys(self) -> tuple[str, ...]:
         return tuple(f"{self.issuer}|{jti}" for jti in self.ancestors)
+
+    @property
+    def session_key(self) -> str:
+        """The key of the task's shared session: the root grant's ``iss|jti``.
+
+        Every execution of one delegation tree shares one session (taint, labels, value
+        provenance, risk, call history): a sub-delegation narrows what may be done, it never
+        starts the task over with a clean record.
+        """
+        return f"{self.issuer}|{self.ancestors[0]}" if self.ancestors else self.key
 
     @property
     def delegator(self) -> str:

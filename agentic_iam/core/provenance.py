@@ -134,6 +134,8 @@ EventType = Literal[
     "approval.granted",
     "approval.denied",
     "model.usage",
+    "execution.ended",
+    "execution.suspended",
 ]
 EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
 
@@ -299,7 +301,7 @@ class DecisionInfo(_Model):
 class ResultInfo(_Model):
     """How a tool call ended (``tool_call.completed``)."""
 
-    outcome: Literal["success", "error", "blocked"]
+    outcome: Literal["success", "error", "blocked", "cancelled"]
     duration_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     output_digest: str | None = Field(default=None, pattern=_HEX64_RE)
     output_labels: tuple[str, ...] = ()

@@ -55,6 +55,7 @@ class _ToolFile(_Strict):
     cost: int | None = Field(default=None, ge=0)
     cost_argument: str | None = None
     target_arguments: list[str] = Field(default_factory=list)
+    recipient_arguments: list[str] | None = None
     arguments: dict[str, str] = Field(default_factory=dict)
     screening: dict[str, Any] = Field(default_factory=dict)
 
@@ -122,6 +123,8 @@ def _to_spec(agent: _AgentFile) -> AgentSpec:
             cost=tool.cost,
             cost_argument=tool.cost_argument,
             target_arguments=frozenset(tool.target_arguments),
+            recipient_arguments=(frozenset(tool.recipient_arguments)
+                                 if tool.recipient_arguments is not None else None),
             arguments=dict(tool.arguments),
             screening=dict(tool.screening),
         )

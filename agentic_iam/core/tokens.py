@@ -136,6 +136,7 @@ class _Claims(_Strict):
     depth: int = Field(ge=0, le=16)
     ancestors: list[str] = Field(max_length=16)
     ancestor_budgets: list[_BudgetClaim] = Field(max_length=16)
+    sub_purpose: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 def identity_to_claims(identity: ExecutionIdentity) -> dict[str, Any]:
@@ -171,6 +172,7 @@ def identity_to_claims(identity: ExecutionIdentity) -> dict[str, Any]:
             {k: v for k, v in b.as_dict().items() if v is not None}
             for b in identity.ancestor_budgets
         ],
+        **({"sub_purpose": identity.sub_purpose} if identity.sub_purpose is not None else {}),
     }
 
 
@@ -448,6 +450,7 @@ class TokenVerifier:
             depth=claims.depth,
             ancestors=tuple(claims.ancestors),
             ancestor_budgets=tuple(Budget(**b.model_dump()) for b in claims.ancestor_budgets),
+            sub_purpose=claims.sub_purpose,
         )
 
     def _check_window(self, nbf: int, iat: int, exp: int) -> None:

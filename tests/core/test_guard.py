@@ -208,7 +208,8 @@ def test_budget_is_settled_and_exhausted(env: Env) -> None:
     assert len(ran) == 2
 
 
-def test_failed_tool_releases_its_reservation(env: Env) -> None:
+def test_failed_tool_is_charged_a_cancelled_one_is_not(env: Env) -> None:
+    # A tool that raised may have had its side effect (issue 13 item 7): the call is spent.
     token = env.refund_token(budget=Budget(tool_calls=1, cost=100))
 
     def boom(**_: Any) -> str:
@@ -216,7 +217,15 @@ def test_failed_tool_releases_its_reservation(env: Env) -> None:
 
     with pytest.raises(RuntimeError):
         env.guard.call(token, refund(40), boom)
-    assert env.guard.authorize(token, refund(40)).allowed
+    again = env.guard.authorize(token, refund(40))
+    assert again.outcome == "deny" and again.reasons[0].code == "budget.exhausted"
+
+    # A call whose tool never started gives its reservation back.
+    other = env.refund_token(budget=Budget(tool_calls=1, cost=100))
+    decision = env.guard.authorize(other, refund(40))
+    assert decision.allowed
+    env.guard.cancel(decision)
+    assert env.guard.authorize(other, refund(40)).allowed
 
 
 def test_child_spend_is_charged_to_parent_and_siblings_cannot_exceed_it(env: Env) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "PolicyResult",
     "StaticEngine",
     "policy_error",
+    "unverified_arguments",
 ]
 
 PolicyOutcome = Literal["allow", "deny", "approval_required"]
@@ -59,8 +60,8 @@ class PolicyRequest:
     context: Mapping[str, Any]
     """Everything else the Guard knows: ``delegation``, ``session``, ``risk``, ``budget``,
     ``confidence`` (``None`` = absent), ``time``, ``provenance``, ``untrusted_args``,
-    ``secret_args``. Sets may be Python sets or frozensets. See ``policies/README.md`` for the
-    exact shape."""
+    ``unverified_args``, ``secret_args``, ``recipients``, ``recipient_domains``. Sets may be
+    Python sets or frozensets. See ``policies/README.md`` for the exact shape."""
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,14 @@ class StaticEngine:
 
     def close(self) -> None:
         return None
+
+
+def unverified_arguments(provenance: Mapping[str, str], *, tainted: bool) -> frozenset[str]:
+    """Target arguments whose value is not traced to the request or a trusted output.
+
+    ``untrusted`` always; ``unknown`` once the session has seen untrusted content. An unknown
+    value in a tainted session may be the attacker's (an odd spelling, a value split or encoded,
+    an id evicted from the index): not knowing where a value came from is not permission.
+    """
+    return frozenset(name for name, label in provenance.items()
+                     if label == "untrusted" or (label == "unknown" and tainted))

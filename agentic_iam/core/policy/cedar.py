@@ -184,7 +184,10 @@ def context_type(tools: Sequence[tuple[str, ToolSpec]]) -> dict[str, Any]:
         "time": {"type": "Time"},
         "provenance": _record({name: _optional(_STRING) for name in sorted(targets)}),
         "untrusted_args": _STRINGS,
+        "unverified_args": _STRINGS,
         "secret_args": _STRINGS,
+        "recipients": _STRINGS,
+        "recipient_domains": _STRINGS,
     })
 
 

@@ -28,7 +28,13 @@ from agentic_iam.core.capabilities import CapabilitySet
 from agentic_iam.core.decision import Reason
 from agentic_iam.core.firewall import DEFAULT_TARGET_ARGUMENTS
 from agentic_iam.core.identity import Actor, AgentSpec, ExecutionIdentity, ToolSpec
-from agentic_iam.core.policy.base import PolicyEngine, PolicyOutcome, PolicyRequest
+from agentic_iam.core.policy.base import (
+    PolicyEngine,
+    PolicyOutcome,
+    PolicyRequest,
+    unverified_arguments,
+)
+from agentic_iam.core.recipients import recipients_context
 from agentic_iam.core.registry import AgentRegistry
 from agentic_iam.errors import PolicyLoadError
 
@@ -50,7 +56,8 @@ DEFAULT_NOW = 1767268800
 
 _KEYS = frozenset({"description", "agent", "tool", "arguments", "context", "expect", "identity"})
 _CONTEXT_KEYS = frozenset({"delegation", "session", "risk", "budget", "confidence", "time",
-                           "provenance", "untrusted_args", "secret_args"})
+                           "provenance", "untrusted_args", "unverified_args", "secret_args",
+                           "recipients", "recipient_domains"})
 _IDENTITY_KEYS = frozenset({"trust", "delegator", "delegator_type", "depth", "purpose"})
 _SET_FIELDS = {"delegation": ("chain_agents",), "session": ("prior_actions", "labels")}
 _OUTCOMES: tuple[PolicyOutcome, ...] = ("allow", "deny", "approval_required")
@@ -247,7 +254,14 @@ def build_request(registry: AgentRegistry, fixture: Fixture) -> PolicyRequest:
     else:
         context["untrusted_args"] = frozenset(
             k for k, v in context["provenance"].items() if v == "untrusted")
+    if "unverified_args" in fixture.context:
+        context["unverified_args"] = frozenset(context["unverified_args"] or ())
+    else:
+        context["unverified_args"] = unverified_arguments(
+            context["provenance"], tainted=bool(context["session"].get("tainted")))
     context["secret_args"] = frozenset(context.get("secret_args") or ())
+    for key, value in recipients_context(tool.recipient_arguments, fixture.arguments).items():
+        context[key] = frozenset(context[key]) if key in fixture.context else value
     return PolicyRequest(identity=identity, agent=agent, tool=tool,
                          arguments=dict(fixture.arguments), context=context)
 

@@ -496,7 +496,8 @@ def test_the_sent_context_is_pruned_to_what_the_slice_reads(
         "risk": {"call": 5, "envelope": 100, "score": 0},
         "secret_args": [],
         "session": {"action_count": 0, "labels": [], "tainted": False},
-        "untrusted_args": [],
+        # the baseline's target rules read `unverified_args` (untrusted, or unknown once tainted)
+        "unverified_args": [],
     }
     # ... but every attribute is still checked
     bad = request_for(context={"time": {"weekday": "Thursday"}})

@@ -101,8 +101,11 @@ def test_requests_look_like_the_guards(tmp_path: Path, registry: AgentRegistry) 
     assert context["confidence"] == 80
     # the same keys as the Guard's context
     assert context["secret_args"] == frozenset()
+    assert context["unverified_args"] == frozenset({"account"})
+    assert context["recipients"] == context["recipient_domains"] == frozenset()
     assert set(context) == {"delegation", "session", "risk", "budget", "confidence", "time",
-                            "provenance", "untrusted_args", "secret_args"}
+                            "provenance", "untrusted_args", "unverified_args", "secret_args",
+                            "recipients", "recipient_domains"}
 
 
 def test_unknown_agent_or_tool_is_a_failed_fixture(tmp_path: Path,
