@@ -59,6 +59,7 @@ from agentic_iam.errors import (
     InvalidSignatureError,
     RevokedTokenError,
     StoreError,
+    StoreStateLostError,
     TokenError,
 )
 
@@ -293,6 +294,8 @@ class Guard:
             admitted = self.store.admit(self._admit_request(
                 identity, tool, amounts, reservation_id,
                 tuple(dict.fromkeys(d for ds in targets.values() for d in ds if d))))
+        except StoreStateLostError as exc:
+            return self._deny(call, "store.state_lost", str(exc), audit, identity, tool), None
         except StoreError as exc:
             return self._deny(call, "store.unavailable", str(exc), audit, identity, tool), None
         denial = self._admission_denial(admitted, identity, tool)
@@ -687,6 +690,9 @@ class Guard:
                               f"({failure}); the execution is suspended", decision)
         else:
             self._release_quietly(pending.reservation_id)
+            with self._lock:
+                # The call never ran: a framework that replays a paused step may ask again.
+                self._used_calls.pop((pending.identity.key, pending.call.call_id or ""), None)
         try:
             self.store.append_event(pending.identity.session_key, {
                 "call_id": decision.call_id, "tool": pending.tool.name,
@@ -714,7 +720,9 @@ class Guard:
             )
 
     def cancel(self, decision: Decision) -> None:
-        """An allowed call whose tool was never started: give its reservation back."""
+        """An allowed call whose tool never ran, or was paused by the framework before it
+        finished (an interrupt, a wait for a human) and will be replayed: give its reservation
+        and its call id back. Only adapters call this, never on the model's word."""
         self.complete(decision, "cancelled")
 
     def _settle(self, reservation_id: str, amounts: Mapping[str, int]) -> str | None:

@@ -344,3 +344,14 @@ def test_a_list_is_as_trusted_as_its_least_trusted_address(env: Env) -> None:
     mixed = env.guard.authorize(token, email("boss@example.com, audit-desk@example.com"))
     assert mixed.outcome == "approval_required"
     assert "baseline.untrusted-target" in mixed.policy_ids
+
+
+def test_a_cancelled_call_gives_its_id_back_for_a_framework_replay(env: Env) -> None:
+    token = env.refund_token(budget=Budget(tool_calls=1, cost=100))
+    paused = env.guard.authorize(token, refund(40, "ACC-1001", "call_p"))
+    env.guard.cancel(paused)  # e.g. the step was interrupted before the tool finished
+    replay = env.guard.authorize(token, refund(40, "ACC-1001", "call_p"))
+    assert replay.allowed  # the id and the one-call budget are both available again
+    env.guard.complete(replay)
+    again = env.guard.authorize(token, refund(40, "ACC-1001", "call_p"))
+    assert first_code(again) == "call.reused"
