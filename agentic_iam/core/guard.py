@@ -596,9 +596,15 @@ class Guard:
         """Record values (text or scalars) as seen from ``source`` for argument provenance.
 
         Adapters call this with the user's request (``request``) so that targets the user named
-        are told apart from targets that only appear in untrusted tool output.
+        are told apart from targets that only appear in untrusted tool output. Only a root
+        execution speaks for the delegator: ``request`` values for a sub-delegated execution
+        (whose input a parent model wrote) are ignored.
         """
         identity = token if isinstance(token, ExecutionIdentity) else self._identity(token)
+        if source == "request" and identity.ancestors:
+            log.info("ignored request values for sub-delegated execution %s",
+                     identity.execution_id)
+            return
         digests: dict[str, str] = {}
         for value in values:
             for digest in ValueIndex.digests_of(value):
