@@ -14,15 +14,28 @@ What it must never do
     exception is a ``deny`` with code ``policy.error``. ``approval_required: true`` wins over
     ``allow: true``. Arguments are type-checked against the tool's declared types exactly as for
     Cedar (never coerced).
+
+    Wait longer than ``timeout_s`` in all. The timeout is a *total* deadline for one evaluation
+    (pool, connect, TLS, send, every read), not httpx's per-operation timeout: a server that
+    drips one byte every 0.2 s never trips a 0.5 s read timeout and would hold the call for as
+    long as it likes. The engine's own transport gives every socket operation only the time left
+    until the deadline (:class:`_DeadlineBackend`), and reads at most 1 MiB. Name resolution is
+    the one step it cannot interrupt (``getaddrinfo`` blocks): point ``url`` at an IP address or
+    a name in ``/etc/hosts`` where DNS could stall. With a ``client=`` of yours, the engine cannot
+    interrupt your transport; an answer that arrives after the deadline is still a deny.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any
 
+import httpcore
 import httpx
 
 from agentic_iam.core.decision import Reason
@@ -141,16 +154,168 @@ def interpret(body: object) -> PolicyResult:
                                                    "OPA did not allow this call"),))
 
 
+# --- the total deadline ------------------------------------------------------------------------
+
+_DEADLINE: ContextVar[float | None] = ContextVar("aiam_opa_deadline", default=None)
+"""``time.monotonic()`` by which the current evaluation must be over (set around each request)."""
+
+_WRITE_CHUNK = 1 << 16
+
+
+def _time_left(timeout: type[httpcore.TimeoutException]) -> float:
+    """Seconds left until the deadline; raise ``timeout`` when none are."""
+    deadline = _DEADLINE.get()
+    if deadline is None:  # only ever used inside _DeadlineTransport, which sets it
+        raise timeout("no deadline is set for this request")
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise timeout("the deadline passed")
+    return left
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every operation may take only the time left until the deadline.
+
+    httpcore hands each ``read``/``write`` the configured per-operation timeout; here it is
+    replaced by the time left, so the sum of all operations cannot exceed the deadline. (CPython
+    applies a socket timeout to a whole TLS handshake and to each single ``recv``/``send``.)
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _time_left(httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        # Chunked so that a peer that accepts our bytes slowly meets the deadline too (the
+        # inner write loops over partial sends with one timeout).
+        for start in range(0, len(buffer), _WRITE_CHUNK):
+            self._inner.write(buffer[start:start + _WRITE_CHUNK],
+                              _time_left(httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(
+            ssl_context, server_hostname, _time_left(httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's synchronous sockets, bounded by the deadline of the current request."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, _time_left(httpcore.ConnectTimeout),
+                                         local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None,
+                            ) -> httpcore.NetworkStream:
+        stream = self._inner.connect_unix_socket(path, _time_left(httpcore.ConnectTimeout),
+                                                 socket_options)
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(min(seconds, _time_left(httpcore.PoolTimeout)))
+
+
+# httpcore's exceptions as httpx's (most specific first), as httpx's own transport maps them.
+_MAPPED: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+class _DeadlineTransport(httpx.BaseTransport):
+    """An httpx transport that finishes each request, body included, by a total deadline.
+
+    The deadline is the one :class:`OpaEngine` set for the evaluation (or ``total_s`` from now).
+    The body is read here, at most ``max_body + 1`` bytes (the engine refuses anything longer),
+    so nothing is left to read after the deadline.
+    """
+
+    def __init__(self, total_s: float, max_body: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._total_s = total_s
+        self._max_body = max_body
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context,
+                                             network_backend=_DeadlineBackend())
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        token = None
+        if _DEADLINE.get() is None:
+            token = _DEADLINE.set(time.monotonic() + self._total_s)
+        try:
+            left = _time_left(httpcore.PoolTimeout)
+            core = httpcore.Request(
+                method=request.method,
+                url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host,
+                                 port=request.url.port, target=request.url.raw_path),
+                headers=request.headers.raw, content=request.read(),
+                extensions={"timeout": {"connect": left, "read": left, "write": left,
+                                        "pool": left}},
+            )
+            chunks: list[bytes] = []
+            size = 0
+            response = self._pool.handle_request(core)
+            try:
+                for chunk in response.iter_stream():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self._max_body:
+                        break  # closing the unfinished response drops the connection
+            finally:
+                response.close()
+            return httpx.Response(response.status, headers=response.headers,
+                                  content=b"".join(chunks), request=request)
+        except Exception as exc:
+            for core_type, httpx_type in _MAPPED:
+                if isinstance(exc, core_type):
+                    raise httpx_type(str(exc) or type(exc).__name__, request=request) from exc
+            raise
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 class OpaEngine:
     """Decide tool calls by asking an OPA server.
 
-    ``client`` may be an ``httpx.Client`` you own (for instance with an
-    ``httpx.MockTransport`` in tests); otherwise the engine makes one and closes it in
-    :meth:`close`.
+    ``timeout_s`` is the total deadline of one evaluation (connect, send, read all); past it
+    the call is denied. ``client`` may be an ``httpx.Client`` you own (for instance with an
+    ``httpx.MockTransport`` in tests): the engine cannot interrupt its transport, but still
+    denies an answer that comes after the deadline. Otherwise the engine makes its own client,
+    bounded by the deadline (``ssl_context`` for a private CA), and closes it in :meth:`close`.
     """
 
     def __init__(self, url: str, *, package_path: str = "agentic_iam/allow",
-                 timeout_s: float = 0.5, client: httpx.Client | None = None) -> None:
+                 timeout_s: float = 0.5, client: httpx.Client | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         path = package_path.strip("/")
@@ -159,13 +324,24 @@ class OpaEngine:
         self.url = url.rstrip("/") + "/v1/data/" + path
         self.timeout_s = timeout_s
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout_s)
+        if client is None:
+            # identity: OPA need not compress, and a compressed body could expand past the cap.
+            client = httpx.Client(
+                transport=_DeadlineTransport(timeout_s, _MAX_RESPONSE_BYTES, ssl_context),
+                timeout=timeout_s, headers={"Accept-Encoding": "identity"},
+                # Proxy variables would mount a transport without the deadline in front of ours.
+                trust_env=False)
+        self._client = client
 
     def evaluate(self, request: PolicyRequest) -> PolicyResult:
         """Decide one call. Never raises: any failure is a ``deny`` with ``policy.error``."""
+        deadline = time.monotonic() + self.timeout_s
+        token = _DEADLINE.set(deadline)
         try:
             payload = {"input": build_input(request)}
             response = self._client.post(self.url, json=payload, timeout=self.timeout_s)
+            if time.monotonic() > deadline:
+                return policy_error(f"OPA did not answer within {self.timeout_s}s")
             if response.status_code != 200:
                 return policy_error(f"OPA answered HTTP {response.status_code}")
             if len(response.content) > _MAX_RESPONSE_BYTES:
@@ -184,6 +360,8 @@ class OpaEngine:
         except Exception as exc:
             log.exception("OPA evaluation failed")
             return policy_error(f"the OPA engine failed ({type(exc).__name__})")
+        finally:
+            _DEADLINE.reset(token)
 
     def close(self) -> None:
         if self._owns_client:

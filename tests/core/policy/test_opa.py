@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -161,3 +164,180 @@ def test_close_leaves_a_callers_client_open(request_for: RequestFactory) -> None
     own = OpaEngine("http://opa")
     own.close()
     own.close()  # idempotent
+
+
+# --- the total deadline (issue 13 item 13): a real, misbehaving server on 127.0.0.1 -----------
+
+_ALLOW_BODY = b'{"result": true}'
+_ALLOW_REPLY = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(_ALLOW_BODY)).encode() + b"\r\n\r\n" + _ALLOW_BODY)
+
+
+class Server:
+    """A one-thread HTTP/1.1 server on 127.0.0.1 that answers every request with ``reply``.
+
+    ``split`` sends the headers at once and drips only what follows them; ``drip_s`` is the pause
+    between single bytes (0 sends everything at once). The server stops when the client hangs up.
+    """
+
+    def __init__(self, reply: bytes = _ALLOW_REPLY, *, drip_s: float = 0.0,
+                 split: int = 0) -> None:
+        self.reply, self.drip_s, self.split = reply, drip_s, split
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        buffered = b""
+        while not self._stop.is_set():  # keep-alive: answer each request on this connection
+            while b"\r\n\r\n" not in buffered:
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffered += chunk
+            head, _, rest = buffered.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            buffered = rest[length:]
+            self.requests += 1
+            try:
+                conn.sendall(self.reply[:self.split])
+                for i in range(self.split, len(self.reply)):
+                    if self._stop.is_set():
+                        return
+                    conn.sendall(self.reply[i:i + 1] if self.drip_s else self.reply[i:])
+                    if not self.drip_s:
+                        break
+                    time.sleep(self.drip_s)
+            except OSError:  # the client gave up
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(*args: Any, **kwargs: Any) -> Server:
+        servers.append(Server(*args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _timed(engine: OpaEngine, request: Any) -> tuple[Any, float]:
+    started = time.monotonic()
+    try:
+        result = engine.evaluate(request)
+    finally:
+        elapsed = time.monotonic() - started
+    return result, elapsed
+
+
+@pytest.mark.parametrize("split", [0, len(_ALLOW_REPLY) - len(_ALLOW_BODY)],
+                         ids=["dripped-headers", "dripped-body"])
+def test_a_dripping_reply_denies_within_the_deadline(
+        request_for: RequestFactory, serve: Callable[..., Server], split: int) -> None:
+    # One byte every 0.2 s: each read returns well within a 0.5 s per-read timeout, so only a
+    # total deadline stops it (the old engine waited ~7-16 s here and then allowed the call).
+    server = serve(drip_s=0.2, split=split)
+    engine = OpaEngine(server.url, timeout_s=0.5)
+    try:
+        result, elapsed = _timed(engine, request_for())
+    finally:
+        engine.close()
+    assert result.outcome == "deny" and result.reasons[0].code == "policy.error"
+    assert "did not answer within 0.5s" in result.reasons[0].message
+    assert elapsed < 0.5 + 1.0  # a correctness bound, not a benchmark
+
+
+def test_a_server_that_never_answers_denies_within_the_deadline(
+        request_for: RequestFactory, serve: Callable[..., Server]) -> None:
+    server = serve(reply=b"HTTP/1.1 200 OK\r\n", drip_s=10.0, split=len(b"HTTP/1.1 200 OK\r\n"))
+    engine = OpaEngine(server.url, timeout_s=0.3)
+    try:
+        result, elapsed = _timed(engine, request_for())
+    finally:
+        engine.close()
+    assert result.outcome == "deny" and "within 0.3s" in result.reasons[0].message
+    assert elapsed < 0.3 + 1.0
+
+
+def test_a_prompt_server_is_asked_over_one_kept_alive_connection(
+        request_for: RequestFactory, serve: Callable[..., Server]) -> None:
+    server = serve()
+    engine = OpaEngine(server.url, timeout_s=2.0)
+    try:
+        outcomes = [engine.evaluate(request_for()).outcome for _ in range(3)]
+    finally:
+        engine.close()
+    assert outcomes == ["allow", "allow", "allow"]
+    assert server.requests == 3
+
+
+def test_the_deadline_is_per_evaluation_not_per_connection(
+        request_for: RequestFactory, serve: Callable[..., Server]) -> None:
+    # A slow answer (0.6 s in all) fits a 1.5 s deadline each time, on a reused connection: the
+    # deadline restarts with every evaluation.
+    body = b'{"result": true}'
+    server = serve(drip_s=0.03, split=len(_ALLOW_REPLY) - len(body))
+    engine = OpaEngine(server.url, timeout_s=1.5)
+    try:
+        outcomes = [engine.evaluate(request_for()).outcome for _ in range(2)]
+    finally:
+        engine.close()
+    assert outcomes == ["allow", "allow"]
+
+
+def test_an_oversized_reply_is_cut_off_while_reading(
+        request_for: RequestFactory, serve: Callable[..., Server]) -> None:
+    body = b'{"result": true}' + b" " * (2 << 20)
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+             + body)
+    server = serve(reply=reply)
+    engine = OpaEngine(server.url, timeout_s=2.0)
+    try:
+        result = engine.evaluate(request_for())
+    finally:
+        engine.close()
+    assert result.outcome == "deny" and "too large" in result.reasons[0].message
+
+
+def test_a_late_answer_through_a_callers_client_denies(request_for: RequestFactory) -> None:
+    # A client you pass brings its own transport, which the engine cannot interrupt; an answer
+    # that arrives after the deadline is still a deny, never an allow.
+    def late(request: httpx.Request) -> httpx.Response:
+        time.sleep(0.15)
+        return httpx.Response(200, json={"result": True})
+
+    engine, _ = engine_with(late, timeout_s=0.05)
+    result = engine.evaluate(request_for())
+    assert result.outcome == "deny" and "within 0.05s" in result.reasons[0].message
