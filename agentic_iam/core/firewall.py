@@ -8,10 +8,12 @@ What it is for
        variation selectors) and decode what they smuggle ("ASCII smuggling" with tag
        characters, bytes hidden in variation selectors) so that the hidden text is reported and
        scanned;
-    2. **redaction**: secrets (private keys, cloud and SaaS tokens, JWTs, ``Bearer`` tokens,
+    2. **redaction**: secrets (the rule set of :mod:`agentic_iam.core.redaction`, shared with
+       the audit recorder: private keys, cloud and SaaS tokens, JWTs, ``Bearer`` tokens,
        passwords in URLs and assignments, high-entropy key-like strings) and, when configured,
-       PII (e-mail addresses, phone numbers, Luhn-valid card numbers, mod-97-valid IBANs) become
-       ``[REDACTED:<kind>]``; the sha256 of every redacted *secret* is kept for the audit;
+       PII (e-mail addresses, phone numbers, Luhn-valid card numbers in groups separated by
+       spaces, dashes, dots or slashes, mod-97-valid IBANs) become ``[REDACTED:<kind>]``; the
+       sha256 of every redacted *secret* is kept for the audit;
     3. **markup removal**: markdown images and links, reference definitions, ``<img>``,
        ``<script>``, ``<iframe>`` and other embedding tags, ``javascript:`` and ``data:`` URLs
        pointing anywhere but an allow-listed host become ``[removed link to <host>]`` (a
@@ -34,10 +36,13 @@ The injection heuristic, and why it is only a signal
     (``system:`` / ``assistant:`` at a line start, ``<|im_start|>``, ``[INST]``, ``<<SYS>>``,
     ``### Instruction``, fake "END OF DOCUMENT" delimiters), tool-call-shaped text (JSON with
     ``tool``/``function``/``name`` + ``arguments``, ``<tool_call>``), and encoded payloads
-    (base64, base32, hex, binary, percent, ``\\u``/``\\x`` and HTML-entity escapes that decode to
-    readable text containing one of the above). Phrases are also matched on a "despaced" copy
-    (``i g n o r e`` → ``ignore``), a leetspeak-folded copy, and a copy with common Cyrillic and
-    Greek lookalikes folded to Latin after NFKC.
+    (base64, base32, hex, binary, ``\\u``/``\\x`` and HTML-entity escapes that decode to
+    readable text containing one of the above, also when wrapped over several short lines).
+    Phrases are matched after HTML entities, ``\\u``/``\\x`` escapes and ``%XX`` are decoded in
+    place (one escaped letter, ``&#105;gnore``, hides nothing), after NFKC with combining marks
+    dropped (``ïgnörë``, letters followed by U+0300..U+036F) and common Cyrillic and Greek
+    lookalikes folded to Latin, and also on a "despaced" copy (``i g n o r e`` → ``ignore``)
+    and a leetspeak-folded copy.
 
     Pattern matching finds the attacks someone wrote down, not the next one: paraphrases, other
     languages, rot13, reversed text and ciphers it cannot enumerate get through, and benign
@@ -76,6 +81,9 @@ from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import Literal, Protocol, runtime_checkable
 
+from agentic_iam.core.redaction import bytes_to_text as _bytes_to_text
+from agentic_iam.core.redaction import readable as _readable
+from agentic_iam.core.redaction import redact_secrets_counted
 from agentic_iam.errors import FirewallError
 
 __all__ = [
@@ -250,36 +258,8 @@ def _sha256(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _shannon(value: str) -> float:
-    counts = Counter(value)
-    n = len(value)
-    return -sum(c / n * math.log2(c / n) for c in counts.values())
-
-
 def _clip(text: str, limit: int = _DETAIL_MAX) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _printable_ratio(text: str) -> float:
-    if not text:
-        return 0.0
-    return sum(1 for c in text if c.isprintable() or c in "\t\n\r") / len(text)
-
-
-_LETTER_RUN = re.compile(r"[^\W\d_]{3}")
-
-
-def _readable(text: str) -> bool:
-    """Decoded bytes that read like text (not keys, hashes or image data)."""
-    return len(text) >= 4 and _LETTER_RUN.search(text) is not None and \
-        _printable_ratio(text) >= 0.85
-
-
-def _bytes_to_text(data: bytes) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 # --- step 1: normalization -------------------------------------------------------------------
@@ -338,105 +318,9 @@ def _strip_invisible(text: str) -> _Stripped:
 # --- step 2: redaction -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """One redaction rule: the named group ``secret`` (else the whole match) is replaced."""
-
-    kind: str
-    pattern: re.Pattern[str]
-    accept: Callable[[str], bool] | None = None
-
-
-def _not_redacted(value: str) -> bool:
-    return not value.startswith("[REDACTED")
-
-
-def _context_secret(value: str) -> bool:
-    # After "api_key=" / "token:" almost anything long is a secret; the entropy floor only
-    # keeps placeholders such as "xxxxxxxxxxxxxxxx" or "your-token-goes-here" readable.
-    return _not_redacted(value) and _shannon(value) >= 3.0
-
-
-def _decodes_to_prose(value: str) -> bool:
-    """A base64 run of readable text is content (or an encoded payload), not a key."""
-    if len(value) % 4 == 1:
-        return False
-    alt = b"-_" if ("-" in value or "_" in value) else None
-    try:
-        data = base64.b64decode(value + "=" * (-len(value) % 4), altchars=alt, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    text = _bytes_to_text(data)
-    return text is not None and _readable(text) and " " in text
-
-
-def _standalone_secret(value: str) -> bool:
-    # >= 32 chars of [A-Za-z0-9_-] with >= 4.0 bits/char. Upper, lower and digit together keep
-    # long identifiers, slugs and hex digests (commit ids, checksums: at most 4.0 bits) out.
-    return (
-        _shannon(value) >= 4.0
-        and any(c.isupper() for c in value)
-        and any(c.islower() for c in value)
-        and any(c.isdigit() for c in value)
-        and not _decodes_to_prose(value)
-    )
-
-
-_KEYWORD_SECRET = (
-    r"(?i:api[_-]?key|apikey|access[_-]?key|secret[_-]?key|client[_-]?secret|secret|"
-    r"auth[_-]?token|access[_-]?token|refresh[_-]?token|token|private[_-]?key|credentials?)"
-)
-
-# Order matters: specific shapes first, so the kind is the most precise one, and each
-# replacement "[REDACTED:kind]" can never be matched by a later rule.
-_SECRET_RULES: tuple[_Rule, ...] = (
-    _Rule("private_key", re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-        r"(?:-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----|\Z)")),
-    _Rule("aws_access_key", re.compile(
-        r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA)"
-        r"[A-Z0-9]{16}(?![A-Za-z0-9])")),
-    _Rule("aws_secret_key", re.compile(
-        r"(?i:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)[\"']?\s*[:=]\s*"
-        r"[\"']?(?P<secret>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])")),
-    _Rule("github_token", re.compile(
-        r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"
-        r"(?![A-Za-z0-9_])")),
-    _Rule("slack_webhook", re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9_/]{20,200}")),
-    _Rule("slack_token", re.compile(r"(?<![A-Za-z0-9-])xox[abposr]-[A-Za-z0-9-]{10,250}")),
-    _Rule("stripe_key", re.compile(
-        r"(?<![A-Za-z0-9_])(?:(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,247}|whsec_[A-Za-z0-9]{24,247})"
-        r"(?![A-Za-z0-9])")),
-    _Rule("llm_api_key", re.compile(
-        r"(?<![A-Za-z0-9_-])sk-(?:proj-|ant-[a-z0-9]{2,10}-|svcacct-|admin-)?[A-Za-z0-9_-]{20,300}"
-        r"(?![A-Za-z0-9_-])")),
-    _Rule("google_api_key", re.compile(
-        r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])")),
-    _Rule("jwt", re.compile(
-        r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"
-        r"(?:\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*)?")),
-    # scheme://user:password@host: keep scheme, user and host. The password runs to the last
-    # "@" before the path, so a password holding "@" is redacted whole.
-    _Rule("url_password", re.compile(
-        r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/?#@\[\]]{1,256}:"
-        r"(?P<secret>[^\s/?#\[\]]{1,256})@"), _not_redacted),
-    _Rule("bearer_token", re.compile(
-        r"\b(?i:bearer)[ \t]+(?P<secret>[A-Za-z0-9._~+/-]{8,}=*)")),
-    _Rule("basic_auth", re.compile(
-        r"(?i:authorization)[\"']?\s*[:=]\s*[\"']?(?i:basic)[ \t]+"
-        r"(?P<secret>[A-Za-z0-9+/]{8,}={0,2})")),
-    _Rule("password", re.compile(
-        r"(?i:\b(?:password|passwd|passphrase|pwd))[\"']?\s*[:=]\s*(?P<q>[\"'])"
-        r"(?P<secret>[^\"'\n]{1,256})(?P=q)"), _not_redacted),
-    _Rule("password", re.compile(
-        r"(?i:\b(?:password|passwd|passphrase|pwd))[\"']?\s*[:=]\s*"
-        r"(?P<secret>[^\s\"',;&\[\]{}<>]{1,256})"), _not_redacted),
-    _Rule("api_key", re.compile(
-        _KEYWORD_SECRET + r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[A-Za-z0-9_\-+/=.]{16,512})"),
-        _context_secret),
-    _Rule("api_key", re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,1024}(?![A-Za-z0-9_-])"),
-          _standalone_secret),
-)
+# The secret rules live in agentic_iam.core.redaction, one rule set for the firewall and the
+# audit recorder (a secret removed from a tool output is also removed from the model message
+# that quotes it in the audit log).
 
 
 def _luhn(digits: str) -> bool:
@@ -487,6 +371,13 @@ _EMAIL = re.compile(
     r"{1,8}[A-Za-z]{2,63}(?![\w-])"
 )
 _CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
+# Cards printed in groups with another separator, the same one throughout: "4111.1111.1111.1111",
+# "4111/1111/…", U+2010 dashes, no-break or thin spaces; 4-4-4-1..7 and 4-6-4/5 (Amex, Diners).
+# Consistent groups keep decimals ("1234567890123.45") and dotted versions out.
+_CARD_GROUPED = re.compile(
+    r"(?<![\w.,/-])\d{4}(?P<sep>[._/\u00a0\u2007\u2009\u202f\u2010-\u2015\u2212])"
+    r"(?:\d{4}(?P=sep)\d{4}(?P=sep)\d{1,7}|\d{6}(?P=sep)\d{4,5})(?![\w-]|[.,/]\d)")
+_NOT_DIGIT = re.compile(r"\D")
 _PHONE = re.compile(
     r"(?<![\w+.,])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,5}(?![\w])"
 )
@@ -513,27 +404,6 @@ class _Tally:
     redactions: dict[str, None] = field(default_factory=dict)
 
 
-def _redact(text: str, rules: Sequence[_Rule], counts: Counter[str],
-            digests: dict[str, None] | None) -> str:
-    for rule in rules:
-        def replace(match: re.Match[str], rule: _Rule = rule) -> str:
-            group = "secret" if "secret" in match.re.groupindex else 0
-            value = match.group(group)
-            if rule.accept is not None and not rule.accept(value):
-                return match.group(0)
-            counts[rule.kind] += 1
-            if digests is not None:
-                digests[_sha256(value)] = None
-            start, end = match.span(group)
-            whole = match.group(0)
-            offset = match.start(0)
-            return (whole[: start - offset] + f"[REDACTED:{rule.kind}]"
-                    + whole[end - offset:])
-
-        text = rule.pattern.sub(replace, text)
-    return text
-
-
 def _redact_pii(text: str, counts: Counter[str]) -> str:
     # IBANs and cards before phones: their digits would otherwise read as phone numbers.
     pieces: list[str] = []
@@ -545,7 +415,7 @@ def _redact_pii(text: str, counts: Counter[str]) -> str:
     text = "".join(pieces) + text[last:]
 
     def card(match: re.Match[str]) -> str:
-        digits = re.sub(r"[ -]", "", match.group())
+        digits = _NOT_DIGIT.sub("", match.group())
         if 13 <= len(digits) <= 19 and _luhn(digits):
             counts["card"] += 1
             return "[REDACTED:card]"
@@ -562,13 +432,13 @@ def _redact_pii(text: str, counts: Counter[str]) -> str:
         return match.group()
 
     text = _CARD.sub(card, text)
+    text = _CARD_GROUPED.sub(card, text)
     text = _EMAIL.sub(email, text)
     return _PHONE.sub(phone, text)
 
 
 def _redact_secrets(text: str, digests: dict[str, None] | None = None) -> tuple[str, Counter[str]]:
-    counts: Counter[str] = Counter()
-    return _redact(text, _SECRET_RULES, counts, digests), counts
+    return redact_secrets_counted(text, digests)
 
 
 # --- step 3: markup --------------------------------------------------------------------------
@@ -793,13 +663,53 @@ _SPACED = re.compile(r"(?<!\w)(?:[^\W\d_][ .\-_]){2,}[^\W\d_](?!\w)")
 _SPACED_SEP = re.compile(r"[ .\-_]")
 
 
+# Combining marks: "i\u0307gnore", Zalgo text, a mark after every letter. The blocks attackers
+# use (Latin, Cyrillic, Hebrew and Arabic marks, extended and supplement blocks, marks for
+# symbols, half marks); a short class keeps the scan fast.
+_MARKS = re.compile("[\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u05bf-\u05c7\u0610-\u061a"
+                    "\u064b-\u065f\u0670\u06d6-\u06ed\u1ab0-\u1aff\u1dc0-\u1dff"
+                    "\u20d0-\u20ff\ufe20-\ufe2f]")
+
+
 def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).translate(_HOMOGLYPHS).casefold()
+    """NFKC, combining marks dropped, lookalikes folded to Latin, case folded.
+
+    Non-ASCII text is decomposed (NFKD) and its combining marks dropped, so "ïgnörë" (written
+    precomposed, or as "i" + U+0308, which NFKC composes) reads "ignore". Every phrase pattern
+    accepts the unaccented spelling ("r[eè]gles"), so no language loses a match.
+    """
+    folded = unicodedata.normalize("NFKC", text)
+    if not folded.isascii():
+        folded = _MARKS.sub("", unicodedata.normalize("NFKD", folded))
+    return folded.translate(_HOMOGLYPHS).casefold()
+
+
+_ENTITY_ONE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
+
+
+def _unescape(text: str) -> str:
+    """``text`` with HTML entities, ``\\u``/``\\x`` escapes and ``%XX`` decoded, wherever they are.
+
+    One escaped letter is enough to hide a word from the phrase patterns (``&#105;gnore``,
+    ``\\x69gnore``, ``%69gnore``). Each decoder runs only when its sign is present, and two
+    rounds undo a double escape (``&amp;#105;``).
+    """
+    for _ in range(2):
+        before = text
+        if "&" in text and _ENTITY_ONE.search(text):
+            text = html.unescape(text)
+        if "\\" in text and _ESCAPE_ONE.search(text):
+            text = _ESCAPE_ONE.sub(_escaped_char, text)
+        if "%" in text and _PCT.search(text):
+            text = urllib.parse.unquote(text)
+        if text == before:
+            break
+    return text
 
 
 def _views(text: str) -> list[tuple[str, str]]:
     """The copies of ``text`` the phrase patterns run on: (view name, folded text)."""
-    folded = _fold(_INVISIBLE.sub("", text))
+    folded = _fold(_INVISIBLE.sub("", _unescape(text)))
     views = [("text", folded)]
     if _SPACED.search(folded):
         views.append(("despaced", _SPACED.sub(lambda m: _SPACED_SEP.sub("", m.group()), folded)))
@@ -1001,6 +911,14 @@ _PCT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ESCAPE_RUN = re.compile(r"(?:\\u[0-9A-Fa-f]{4}|\\U[0-9A-Fa-f]{8}|\\x[0-9A-Fa-f]{2}){4,}")
 _ESCAPE_ONE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})|\\x([0-9A-Fa-f]{2})")
 _ENTITY_RUN = re.compile(r"(?:&#(?:[0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});){4,}")
+# Two or more whole lines of base64/hex/base32 alphabet only (optionally indented or quoted
+# with ">"): one payload wrapped at a short width, decoded as one run. Prose lines hold spaces
+# and never match, so this only finds runs that look encoded.
+_WRAPPED_RUN = re.compile(r"^[ \t>]*[A-Za-z0-9+/_-]{2,}={0,6}[ \t\r]*"
+                          r"(?:\n[ \t>]*[A-Za-z0-9+/_-]{2,}={0,6}[ \t\r]*)+$", re.MULTILINE)
+_WRAP_JUNK = re.compile(r"[\s>]+")
+_HEX_ONLY = re.compile(r"[0-9A-Fa-f]+")
+_B32_ONLY = re.compile(r"[A-Z2-7]+=*")
 
 _RUN_LIMIT = 65_536      # characters of one encoded run that are decoded
 _MAX_CANDIDATES = 256    # encoded runs looked at per text
@@ -1045,16 +963,41 @@ def _decode_bin(run: str) -> str | None:
     return _bytes_to_text(bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)))
 
 
-def _decode_escapes(run: str) -> str | None:
-    def one(match: re.Match[str]) -> str:
-        cp = int(next(g for g in match.groups() if g is not None), 16)
-        return chr(cp) if cp <= 0x10FFFF else "\ufffd"
+def _escaped_char(match: re.Match[str]) -> str:
+    cp = int(next(g for g in match.groups() if g is not None), 16)
+    return chr(cp) if cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF else "\ufffd"
 
-    return _ESCAPE_ONE.sub(one, run[:_RUN_LIMIT])
+
+def _decode_escapes(run: str) -> str | None:
+    return _ESCAPE_ONE.sub(_escaped_char, run[:_RUN_LIMIT])
+
+
+def _decode_wrapped(run: str) -> str | None:
+    """A payload wrapped over several lines (base64 at 20 or 76 columns, hex, base32).
+
+    A one-word line just before or after the payload ("Thanks") looks like one more line of
+    it, so the run is also tried without its first and without its last line.
+    """
+    lines = [line for line in _WRAP_JUNK.split(run) if line]
+    for part in (lines, lines[:-1], lines[1:], lines[1:-1]):
+        compact = "".join(part)
+        if len(part) < 2 or len(compact) < 16:
+            continue
+        decoded: str | None
+        if len(compact) % 2 == 0 and _HEX_ONLY.fullmatch(compact):
+            decoded = _decode_hex(compact)
+        elif _B32_ONLY.fullmatch(compact):
+            decoded = _decode_b32(compact)
+        else:
+            decoded = _decode_b64(compact)
+        if decoded is not None and _readable(decoded):
+            return decoded
+    return None
 
 
 _RUN_DECODERS: tuple[tuple[str, re.Pattern[str], Callable[[str], str | None]], ...] = (
     ("base64", _B64_RUN, _decode_b64),
+    ("wrapped encoding", _WRAPPED_RUN, _decode_wrapped),
     ("base32", _B32_RUN, _decode_b32),
     ("hex", _HEX_RUN, _decode_hex),
     ("hex", _HEX_SPACED, _decode_hex),
@@ -1080,11 +1023,8 @@ def _decoded_views(text: str, depth: int = 1) -> Iterator[tuple[str, str]]:
             if depth < _MAX_DEPTH and decoded.isascii():
                 for inner, deeper in _decoded_views(decoded, depth + 1):
                     yield f"{inner} inside {encoding}", deeper
-    # Whole-text views: percent-encoding mixed into prose ("Ignore%20all%20previous").
-    if len(_PCT.findall(text, 0, _RUN_LIMIT * 4)) >= 3:
-        unquoted = urllib.parse.unquote(text)
-        if unquoted != text:
-            yield "percent-encoding", unquoted
+    # Percent-encoding, entities and escapes mixed into prose ("Ignore%20all%20previous",
+    # "&#105;gnore") are decoded in place by _views, so the main view already reads them.
 
 
 def _scan(text: str) -> Counter[tuple[str, str]]:

@@ -14,9 +14,12 @@ What it is for
 
 What it must never do
     * Let a raw token or secret reach a sink. Every string of every event passes through
-      :func:`redact_secrets` (JWT-shaped strings, ``Bearer …``, private keys, well-known API key
-      shapes) before any sink sees it, whatever redactor the caller configured; log messages and
-      error messages about events are scrubbed the same way.
+      :func:`redact_secrets` (the rule set of :mod:`agentic_iam.core.redaction`, the same the
+      tool firewall applies: private keys, cloud and SaaS keys, JWTs, ``Bearer``/``Basic``
+      credentials, passwords in URLs and assignments, labelled and high-entropy keys) before any
+      sink sees it, whatever redactor the caller configured, and a string stored under a key
+      that names a secret (``password``, ``api_key``, ``token``…) is replaced whole; log
+      messages and error messages about events are scrubbed the same way.
     * Lose a decision silently. A durable sink that fails makes :meth:`Recorder.record` raise
       :class:`~agentic_iam.errors.AuditError`; the Guard turns that into a deny, so the tool does
       not run without its record.
@@ -79,6 +82,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
+from agentic_iam.core.redaction import may_hold_secret, redact_secrets, secret_field_kind
 from agentic_iam.errors import AuditError, AuditIntegrityError, KeySetError, MissingExtraError
 
 if sys.platform != "win32":
@@ -192,61 +196,24 @@ def json_safe(value: Any) -> Any:
 
 # --- redaction -------------------------------------------------------------------------------
 
-# One alternation, one pass per string. The JWT branch also catches JWE (five segments) and
-# signature-less tokens; "Bearer" redacts whatever follows it, at the price of over-redacting
-# prose such as "bearer of bad news" (an audit record may lose a word, never leak a token).
-_SECRET_RE = re.compile(
-    r"(?P<bearer>\b(?i:bearer)[ \t]+)[A-Za-z0-9\-._~+/]+=*"
-    r"|(?P<jwt>eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*)?)"
-    r"|(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z))"
-    r"|(?P<key>\b(?:sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}"
-    r"|github_pat_[A-Za-z0-9_]{30,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}))",
-    re.DOTALL,
-)
+# The rules are agentic_iam.core.redaction's: the same set the tool firewall applies to tool
+# outputs, so a secret it removes from an output is also removed from the reasoning that quotes
+# it here. redact_secrets is re-exported from this module (it is part of its API).
 
 
-def _replace_secret(match: re.Match[str]) -> str:
-    if match.group("bearer") is not None:
-        return f"{match.group('bearer')}[REDACTED]"
-    if match.group("jwt") is not None:
-        return "[REDACTED:jwt]"
-    if match.group("pem") is not None:
-        return "[REDACTED:private-key]"
-    return "[REDACTED:api-key]"
-
-
-def redact_secrets(text: str) -> str:
-    """The built-in redactor: JWT-shaped strings, ``Bearer …``, PEM private keys, API key shapes.
-
-    It is also the floor under any configured redactor: every string of every event goes through
-    it before a sink sees the event.
-    """
-    if not _may_hold_secret(text):
-        return text
-    return _SECRET_RE.sub(_replace_secret, text)
-
-
-# Every match of _SECRET_RE contains one of these substrings (compared lower-cased), and JSON
-# escaping never touches them, so one test on a serialized event lets clean events skip the
-# per-string walk. (A case-insensitive regex search costs 25 us per 1 KB event; this about 4.)
-_GITHUB: Final = re.compile(r"gh[pousr]_|github_pat_")
-
-
-def _may_hold_secret(text: str) -> bool:
-    lowered = text.lower()
-    return (
-        "eyj" in lowered
-        or "bearer" in lowered
-        or "private key" in lowered
-        or "sk-" in lowered
-        or "akia" in lowered
-        or "xox" in lowered
-        or ("gh" in lowered and _GITHUB.search(lowered) is not None)
-    )
+def _secret_field(key: Any, item: Any) -> str | None:
+    """``[REDACTED:<kind>]`` for a string stored under a key that names a secret, else None."""
+    if not isinstance(key, str) or not isinstance(item, str) or not item:
+        return None
+    if item.startswith("[REDACT"):  # already redacted, or "[REDACTION FAILED]"
+        return None
+    kind = secret_field_kind(key)
+    return f"[REDACTED:{kind}]" if kind is not None else None
 
 
 def _scrub(value: Any) -> tuple[Any, bool]:
-    """Apply :func:`redact_secrets` to every string (keys included) of a JSON value."""
+    """Apply :func:`redact_secrets` to every string (keys included) of a JSON value, and
+    replace whole every string stored under a key that names a secret (``"password"``)."""
     if isinstance(value, str):
         clean = redact_secrets(value)
         return clean, clean != value
@@ -255,7 +222,8 @@ def _scrub(value: Any) -> tuple[Any, bool]:
         out: dict[Any, Any] = {}
         for key, item in value.items():
             new_key, key_changed = _scrub(key) if isinstance(key, str) else (key, False)
-            new_item, item_changed = _scrub(item)
+            hidden = _secret_field(key, item)
+            new_item, item_changed = (hidden, True) if hidden is not None else _scrub(item)
             out[new_key] = new_item
             changed = changed or key_changed or item_changed
         return (out, True) if changed else (value, False)
@@ -427,13 +395,22 @@ _CLEAN_EVENTS: weakref.WeakValueDictionary[int, AuditEvent] = weakref.WeakValueD
 _CLEAN_LOCK = threading.Lock()
 
 
-def _scrubbed_event(event: AuditEvent) -> AuditEvent:
-    """The event with :func:`redact_secrets` applied to every string (keys included)."""
+_WITHOUT_MESSAGE: Final = {"reasoning": {"message"}}
+
+
+def _scrubbed_event(event: AuditEvent, *, message_is_clean: bool = False) -> AuditEvent:
+    """The event with :func:`redact_secrets` applied to every string (keys included).
+
+    ``message_is_clean``: ``reasoning.message`` is already an output of :func:`redact_secrets`
+    (the Recorder made it so), so the test for secrets need not read it again; when the event
+    is scrubbed, the message is scrubbed with the rest.
+    """
     with _CLEAN_LOCK:
         if _CLEAN_EVENTS.get(id(event)) is event:
             return event
     clean = event
-    if _may_hold_secret(event.model_dump_json(exclude_none=True)):
+    exclude = _WITHOUT_MESSAGE if message_is_clean else None
+    if may_hold_secret(event.model_dump_json(exclude_none=True, exclude=exclude)):
         data, changed = _scrub(event.to_json_dict())
         if changed:
             try:
@@ -1476,7 +1453,7 @@ class Recorder:
                     for error in exc.errors(include_input=False)
                 )
                 raise AuditError(f"invalid audit event `{event_type}`: {problems}") from None
-            event = _scrubbed_event(event)
+            event = _scrubbed_event(event, message_is_clean=True)
             self._sequence += 1
             self._emit(event)
         return event
@@ -1547,11 +1524,16 @@ class Recorder:
             return self._redact_text(value)
         if isinstance(value, Mapping):
             return {
-                redact_secrets(str(key)): self._redact_tree(item) for key, item in value.items()
+                redact_secrets(str(key)): self._redact_field(key, item)
+                for key, item in value.items()
             }
         if isinstance(value, (list, tuple)):
             return [self._redact_tree(item) for item in value]
         return value
+
+    def _redact_field(self, key: Any, item: Any) -> Any:
+        clean = self._redact_tree(item)
+        return _secret_field(key, clean) or clean
 
     def _reasoning(self, reasoning: Any) -> dict[str, Any]:
         if isinstance(reasoning, ReasoningInfo):
@@ -1564,7 +1546,10 @@ class Recorder:
         if isinstance(message, str):
             message = self._redact_text(message)
             if len(message) > self._max_reasoning:
-                message = message[: self._max_reasoning]
+                # Cut, then apply the floor again: a cut can complete a shape (a 40-character
+                # AWS secret that was the start of a longer run). The result is what the floor
+                # returns, so _scrubbed_event need not read the message again.
+                message = redact_secrets(message[: self._max_reasoning])
                 data["truncated"] = True
             data["message"] = message
         return data
