@@ -501,29 +501,77 @@ def approvals_list(store: StoreOpt = "sqlite:aiam-store.db",
     console.print(table)
 
 
-def _resolve(request_id: str, store: str, approver: str, approved: bool) -> None:
-    from agentic_iam.core.approvals import ApprovalManager
+ApproverOpt = Annotated[str | None, typer.Option(
+    "--approver", envvar="AIAM_APPROVER", show_default=False,
+    help="Who answers: one of the configured approvers [default: $AIAM_APPROVER or your login "
+    "name].")]
+ApproversOpt = Annotated[str | None, typer.Option(
+    "--approvers", envvar="AIAM_APPROVERS", show_default=False,
+    help="Comma-separated ids of the configured approvers [default: $AIAM_APPROVERS].")]
+AuditOpt = Annotated[Path | None, typer.Option(
+    "--audit", envvar="AIAM_AUDIT", show_default=False,
+    help="The project's JSONL audit log: every answer is recorded there [default: $AIAM_AUDIT].")]
+AuditKeysOpt = Annotated[Path | None, typer.Option(
+    "--keys", "-k", envvar="AIAM_KEYS", show_default=False,
+    help="Sign the audit log's head with this key file [default: aiam-keys.json if present].")]
 
-    ApprovalManager(open_store(store)).resolve(request_id, approved=approved, approver=approver)
-    console.print(f"{'approved' if approved else 'denied'} {request_id}")
+
+def _resolve(request_id: str, *, store: str, approver: str | None, approvers: str | None,
+             audit: Path | None, keys: Path | None, approved: bool) -> None:
+    """Answer one request as a configured approver, on the record (ApprovalManager.resolve)."""
+    import getpass
+
+    from agentic_iam.core.approvals import ApprovalManager
+    from agentic_iam.core.provenance import HeadSigner, JsonlSink, Recorder
+
+    if audit is None:
+        _fail("every answer to an approval request is recorded: pass --audit PATH (the "
+              "project's audit log) or set $AIAM_AUDIT")
+    configured = [a.strip() for a in (approvers or "").split(",") if a.strip()]
+    if not configured:
+        _fail("no approvers are configured: pass --approvers ID[,ID...] or set $AIAM_APPROVERS")
+    who = approver if approver is not None else getpass.getuser()
+    signer = None
+    key_path = keys if keys is not None else Path("aiam-keys.json")
+    if keys is not None or key_path.exists():
+        active = _keyset(key_path).active
+        signer = HeadSigner(active.private_key, active.kid)
+    backing = open_store(store)
+    try:
+        recorder = Recorder([JsonlSink(audit, signer=signer)])
+        try:
+            ApprovalManager(backing, recorder=recorder, approvers=configured).resolve(
+                request_id, approved=approved, approver=who)
+        finally:
+            recorder.close()
+    finally:
+        backing.close()
+    console.print(f"{'approved' if approved else 'denied'} {request_id} as {who}",
+                  highlight=False)
 
 
 @approvals_app.command("approve")
 @friendly
 def approvals_approve(request_id: str, store: StoreOpt = "sqlite:aiam-store.db",
-                      approver: Annotated[str, typer.Option(help="Who approves.")] =
-                      os.environ.get("USER", "cli")) -> None:
-    """Approve one pending request: that exact call may run once."""
-    _resolve(request_id, store, approver, True)
+                      approver: ApproverOpt = None, approvers: ApproversOpt = None,
+                      audit: AuditOpt = None, keys: AuditKeysOpt = None) -> None:
+    """Approve one pending request as a configured approver: that exact call may run once.
+
+    The answer is recorded in the audit log (naming the approver) before it takes effect. The
+    requesting agent, its execution and the agents of its delegation chain are refused.
+    """
+    _resolve(request_id, store=store, approver=approver, approvers=approvers, audit=audit,
+             keys=keys, approved=True)
 
 
 @approvals_app.command("deny")
 @friendly
 def approvals_deny(request_id: str, store: StoreOpt = "sqlite:aiam-store.db",
-                   approver: Annotated[str, typer.Option(help="Who denies.")] =
-                   os.environ.get("USER", "cli")) -> None:
-    """Deny one pending request."""
-    _resolve(request_id, store, approver, False)
+                   approver: ApproverOpt = None, approvers: ApproversOpt = None,
+                   audit: AuditOpt = None, keys: AuditKeysOpt = None) -> None:
+    """Deny one pending request as a configured approver (recorded in the audit log)."""
+    _resolve(request_id, store=store, approver=approver, approvers=approvers, audit=audit,
+             keys=keys, approved=False)
 
 
 @app.command("demo")

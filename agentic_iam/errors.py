@@ -39,6 +39,8 @@ echo a token or a secret.
     │   └── RevokedTokenError         the token or one of its ancestors was revoked
     ├── AuthorizationDenied           raised by ``enforce``; carries the Decision
     ├── ApprovalError                 approval requests that are unknown, stale or already used
+    │   └── ApproverRefusedError      an answer from someone who may not answer (unknown approver,
+    │                                 or the requesting agent, its execution or its chain)
     ├── StoreError                    a store operation failed
     │   ├── StoreUnavailableError     down or slower than its timeout
     │   └── StoreStateLostError       the store lost its state (no epoch): deny until re-initialised
@@ -59,6 +61,7 @@ __all__ = [
     "AgenticIAMError",
     "AlgorithmNotAllowedError",
     "ApprovalError",
+    "ApproverRefusedError",
     "AuditError",
     "AuditIntegrityError",
     "AuthorizationDenied",
@@ -315,6 +318,25 @@ class AuthorizationDenied(AgenticIAMError):
 
 class ApprovalError(AgenticIAMError):
     """An approval request is unknown, stale, or was already used."""
+
+
+class ApproverRefusedError(ApprovalError):
+    """An answer to an approval request from someone who may not give it; nothing was changed.
+
+    ``code`` is ``approval.approver_unknown`` (not an authenticated or configured approver),
+    ``approval.separation_of_duties`` (the requesting agent, its execution or an agent in its
+    delegation chain) or ``approval.unattributed`` (the request does not record who asked).
+    """
+
+    def __init__(self, message: str, *, code: str, approver: str,
+                 request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """Reason code, as recorded on the ``approval.denied`` event."""
+        self.approver = approver
+        """The approver id that was refused."""
+        self.request_id = request_id
+        """The approval request it tried to answer."""
 
 
 class StoreError(AgenticIAMError):

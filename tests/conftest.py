@@ -24,6 +24,8 @@ from agentic_iam.core.store.base import Store
 
 AUDIENCE = "agentic-iam-test"
 ALICE = Human("alice@example.com")
+APPROVERS = frozenset({"bob", "bob@example.com"})
+"""The configured approvers of a test Guard (unless a test passes its own ``config``)."""
 
 
 @dataclass
@@ -59,7 +61,8 @@ def make_env() -> Iterator[EnvFactory]:
         broker = DelegationBroker(registry, keyset, audience=AUDIENCE, store=backing,
                                   recorder=recorder)
         engine = CedarEngine.from_directory(policies or default_policies_dir(), registry)
-        guard = Guard.from_broker(broker, engine, approver=approver, config=config)
+        guard = Guard.from_broker(broker, engine, approver=approver,
+                                  config=config or GuardConfig(approvers=APPROVERS))
         env = Env(registry, keyset, broker, guard, sink, recorder, backing)
         made.append(env)
         return env

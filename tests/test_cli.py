@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -139,38 +141,111 @@ def test_policy_commands() -> None:
     assert schema, "a schema document"
 
 
-def test_approvals_across_processes_via_sqlite(tmp_path: Path) -> None:
+@pytest.fixture
+def pending_refund(tmp_path: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A refund of 150 waiting for approval in a SQLite store another process can open."""
     from agentic_iam import (
         AgentRegistry,
         CedarEngine,
         DelegationBroker,
         Guard,
         Human,
+        JsonlSink,
         KeySet,
+        Recorder,
         SqliteStore,
         ToolCall,
     )
     from agentic_iam._resources import default_policies_dir, default_registry_path
 
-    db = tmp_path / "store.db"
+    monkeypatch.chdir(tmp_path)  # no aiam-keys.json of the checkout's
+    for name in ("AIAM_APPROVER", "AIAM_APPROVERS", "AIAM_AUDIT", "AIAM_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    db, audit = tmp_path / "store.db", tmp_path / "audit.jsonl"
     registry = AgentRegistry.from_yaml(default_registry_path())
+    recorder = Recorder([JsonlSink(audit)])
     broker = DelegationBroker(registry, KeySet.generate("https://b"), audience="a",
-                              store=SqliteStore(db))
+                              store=SqliteStore(db, initialize=True), recorder=recorder)
     guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(),
                                                                  registry))
     token = broker.delegate(Human("alice@example.com"), "support-agent", "refund",
                             ["refund:create amount<=200"], ttl=600)
     call = ToolCall("create_refund", {"amount": 150, "currency": "USD", "account": "ACC-1001"})
     pending = guard.authorize(token, call)
-    assert pending.outcome == "approval_required"
-    code, out, _ = aiam("approvals", "list", "--store", f"sqlite:{db}")
-    assert code == 0 and pending.approval_id is not None
-    assert pending.approval_id[:8] in out
-    code, out, _ = aiam("approvals", "approve", pending.approval_id, "--store", f"sqlite:{db}",
-                        "--approver", "bob")
+    assert pending.outcome == "approval_required" and pending.approval_id is not None
+    yield {"guard": guard, "token": token, "call": call, "id": pending.approval_id,
+           "store": f"sqlite:{db}", "audit": audit}
+    recorder.close()
+
+
+def audit_events(path: Path, kind: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in events if e["event_type"] == kind]
+
+
+def test_approvals_across_processes_via_sqlite(pending_refund: dict[str, Any]) -> None:
+    p = pending_refund
+    code, out, _ = aiam("approvals", "list", "--store", p["store"])
     assert code == 0
-    assert guard.authorize(token, call).outcome == "allow"
-    assert guard.authorize(token, call).outcome == "approval_required"
+    assert p["id"][:8] in out
+    code, out, err = aiam("approvals", "approve", p["id"], "--store", p["store"],
+                          "--approver", "bob", "--approvers", "bob,carol",
+                          "--audit", str(p["audit"]))
+    assert code == 0, err
+    assert f"approved {p['id']} as bob" in out
+    (granted,) = audit_events(p["audit"], "approval.granted")
+    assert granted["extra"] == {"approval_id": p["id"], "approver": "bob"}
+    assert granted["agent_id"] == "support-agent"
+    assert p["guard"].authorize(p["token"], p["call"]).outcome == "allow"
+    assert p["guard"].authorize(p["token"], p["call"]).outcome == "approval_required"
+
+
+def test_cli_configuration_from_the_environment(pending_refund: dict[str, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    p = pending_refund
+    monkeypatch.setenv("AIAM_APPROVERS", "carol")
+    monkeypatch.setenv("AIAM_APPROVER", "carol")
+    monkeypatch.setenv("AIAM_AUDIT", str(p["audit"]))
+    code, _, err = aiam("approvals", "deny", p["id"], "--store", p["store"])
+    assert code == 0, err
+    (denied,) = audit_events(p["audit"], "approval.denied")
+    assert denied["extra"] == {"approval_id": p["id"], "approver": "carol"}
+    assert p["guard"].authorize(p["token"], p["call"]).outcome == "approval_required"
+
+
+@pytest.mark.parametrize(("approver", "message", "code"), [
+    ("mallory", "approver `mallory` is not a configured approver", "approval.approver_unknown"),
+    ("support-agent", "the requesting agent cannot approve its own call",
+     "approval.separation_of_duties"),
+])
+def test_the_cli_refuses_and_records_an_unaccountable_approver(
+        pending_refund: dict[str, Any], approver: str, message: str, code: str) -> None:
+    p = pending_refund
+    exit_code, out, err = aiam("approvals", "approve", p["id"], "--store", p["store"],
+                               "--approver", approver, "--approvers", "bob,support-agent",
+                               "--audit", str(p["audit"]))
+    assert exit_code == 2 and message in err and "Traceback" not in err + out
+    (refused,) = audit_events(p["audit"], "approval.denied")
+    assert refused["extra"] == {"approval_id": p["id"], "approver": approver,
+                                "refused": "approve"}
+    assert refused["decision"]["reasons"][0]["code"] == code
+    assert audit_events(p["audit"], "approval.granted") == []
+    assert p["guard"].authorize(p["token"], p["call"]).outcome == "approval_required"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--approver", "bob", "--approvers", "bob"), "--audit PATH"),
+    (("--approver", "bob", "--audit", "AUDIT"), "no approvers are configured"),
+])
+def test_the_cli_will_not_answer_off_the_record_or_unconfigured(
+        pending_refund: dict[str, Any], args: tuple[str, ...], message: str) -> None:
+    p = pending_refund
+    args = tuple(str(p["audit"]) if a == "AUDIT" else a for a in args)
+    code, _, err = aiam("approvals", "approve", p["id"], "--store", p["store"], *args)
+    assert code == 2 and message in err
+    assert audit_events(p["audit"], "approval.granted") == []
+    assert p["guard"].authorize(p["token"], p["call"]).outcome == "approval_required"
 
 
 def test_demo_json_runs_offline(tmp_path: Path) -> None:

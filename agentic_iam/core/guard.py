@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from agentic_iam.core.approvals import (
     ApprovalManager,
     Approver,
+    ApproverLike,
     call_binding,
     canonical_json,
 )
@@ -102,6 +103,11 @@ class GuardConfig:
     """Bounded per-session history kept in the store."""
     approval_ttl_s: int = 900
     """How long an approval request stays answerable."""
+    approvers: frozenset[str] = frozenset()
+    """Ids of the configured approvers who may answer approval requests by name
+    (:meth:`Guard.resolve_approval`, the adapters' resume paths). A :class:`Human` verified by
+    an IdP needs no entry; the requesting agent, its execution and its delegation chain are
+    refused whatever is configured."""
     framework: str | None = None
     """Default framework name recorded on events."""
 
@@ -812,9 +818,19 @@ class Guard:
                                  reasoning={"model": model},
                                  framework=framework or self.config.framework)
 
-    def resolve_approval(self, approval_id: str, *, approved: bool, approver: str) -> None:
-        """Answer an approval request (the adapter calls this when a paused run resumes)."""
-        self.approvals.resolve(approval_id, approved=approved, approver=approver)
+    def resolve_approval(self, approval_id: str, *, approved: bool,
+                         approver: ApproverLike) -> None:
+        """Answer an approval request as an accountable approver (adapters call this when a
+        paused run resumes).
+
+        ``approver`` is a :class:`Human` verified by an IdP (``OIDCProvider.verify(id_token)``)
+        or the id of a configured approver (:attr:`GuardConfig.approvers`), never the requesting
+        agent, its execution or an agent in its delegation chain. A refusal raises
+        :class:`ApproverRefusedError` naming what is wrong, is recorded, and changes nothing;
+        every grant and denial is recorded naming the approver before it takes effect.
+        """
+        self.approvals.resolve(approval_id, approved=approved, approver=approver,
+                               approvers=self.config.approvers)
 
     # --- one-call helpers for adapters and direct use --------------------------------------
 

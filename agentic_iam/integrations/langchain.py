@@ -10,8 +10,9 @@ What it gives you (``pip install "agentic-iam[langchain]"``):
   on ``deny`` returns ``ToolMessage(status="error")`` with the Guard's model message; on
   ``approval_required`` pauses the run with LangGraph's ``interrupt()`` (the payload describes
   the call and its ``approval_id``; resume with ``Command(resume={"approved": True,
-  "approver": "bob"})``), records the answer and authorizes the same call again; on ``allow``
-  runs the tool with the Guard's checked copy of the arguments, screens what the tool returned
+  "approver": "bob"})``, ``bob`` being in ``GuardConfig.approvers``), records the answer and
+  authorizes the same call again; on ``allow`` runs the tool with the Guard's checked copy of
+  the arguments, screens what the tool returned
   (``ToolMessage`` content and the messages of a ``Command`` update) before the model sees it,
   and settles the call.
 - :class:`IAMContext` — the per-run identity: pass ``context=IAMContext(token)`` to
@@ -352,7 +353,9 @@ def _approval_payload(call: ToolCall, decision: Decision) -> dict[str, Any]:
 
 
 def _parse_answer(answer: object) -> tuple[bool, str] | None:
-    """``True``/``False`` or ``{"approved": bool, "approver": str}``; anything else is refused."""
+    """``{"approved": bool, "approver": str}`` (a configured approver id); anything else is
+    refused. A bare ``True``/``False`` names nobody and claims the approver ``human``, which the
+    Guard refuses (and records) unless it is configured."""
     if isinstance(answer, bool):
         return answer, "human"
     if isinstance(answer, Mapping):

@@ -488,7 +488,8 @@ class ApprovalResponseEvent(HumanResponseEvent):
     approved: bool
     """The answer."""
     approver: str = "human"
-    """Who answered (recorded)."""
+    """Who answered (recorded): a configured approver id (``GuardConfig.approvers``). The
+    default names nobody, and the Guard refuses it unless it is configured."""
 
 
 def _approval_key(ev: ToolCallEvent) -> str:

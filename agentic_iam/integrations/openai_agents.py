@@ -46,8 +46,10 @@ What it gives you (``pip install "agentic-iam[openai-agents]"``, openai-agents >
   every audit event of a call carries ``trace.trace_id`` / ``trace.span_id`` (passed through
   ``ReasoningContext``) and a refused call's function span gets an error.
 - :func:`approve` / :func:`reject` (also ``IAMRunContext.approve`` / ``.reject``) — answer a
-  paused call as a named approver; plain ``state.approve(item)`` works too and is recorded as
-  approved by :data:`DEFAULT_APPROVER`.
+  paused call as a named, configured approver (``GuardConfig.approvers``). Plain
+  ``state.approve(item)`` names nobody: it counts only with ``IAMRunContext(approver=...)``
+  naming a configured approver; otherwise the Guard refuses it (recorded) and the call is not
+  run.
 
 Handoffs and ``as_tool`` calls are delegations, authorized by the broker (registry
 ``may_delegate_to``, a grant that narrows) rather than Guard tool calls, so ``transfer_to_*`` and
@@ -164,8 +166,9 @@ log = logging.getLogger("agentic_iam.integrations.openai_agents")
 
 FRAMEWORK = "openai_agents"
 DEFAULT_APPROVER = "openai-agents:RunState.approve"
-"""Recorded as the approver when a run resumes after ``state.approve(item)`` without
-:func:`approve` (the SDK does not say who approved)."""
+"""The approver claimed when a run resumes after ``state.approve(item)`` without :func:`approve`
+and without ``IAMRunContext(approver=...)``. The SDK does not say who approved, so this is not an
+accountable approver: the Guard refuses it (unless someone configured it)."""
 
 _INPUT_NAME = "agentic_iam.authorize"
 _OUTPUT_NAME = "agentic_iam.screen"
@@ -250,7 +253,9 @@ class IAMRunContext:
     user_context: Any = None
     """The application's own context object, for its tools."""
     approver: str = DEFAULT_APPROVER
-    """Recorded as the approver when the SDK resumes an approved call without :meth:`approve`."""
+    """Who approved when the SDK resumes a call approved with plain ``state.approve(item)``
+    (without :meth:`approve`): a configured approver id (``GuardConfig.approvers``). The
+    default is refused by the Guard."""
     _state: _RunState = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from agentic_iam import (
     CedarEngine,
     DelegationBroker,
     Guard,
+    GuardConfig,
     KeySet,
     MemorySink,
     MemoryStore,
@@ -33,7 +34,7 @@ from agentic_iam.integrations.langchain import (
     subagent_node,
     subagent_tool,
 )
-from tests.conftest import ALICE, AUDIENCE, Env
+from tests.conftest import ALICE, APPROVERS, AUDIENCE, Env
 from tests.integrations.langchain.conftest import (
     REQUEST_TEXT,
     Backend,
@@ -69,7 +70,8 @@ def env() -> Env:
     recorder = Recorder([sink])
     store = MemoryStore()
     broker = DelegationBroker(registry, keys, audience=AUDIENCE, store=store, recorder=recorder)
-    guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(), registry))
+    guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(), registry),
+                              config=GuardConfig(approvers=APPROVERS))
     return Env(registry, keys, broker, guard, sink, recorder, store)
 
 

@@ -117,7 +117,10 @@ def test_approval_pauses_and_resumes_once(env: Env, mode: Mode) -> None:
     assert env.guard.stats == {"allow": 1, "deny": 0, "approval_required": 1}
 
 
-def test_approval_through_plain_run_state(env: Env) -> None:
+def test_plain_run_state_approval_names_nobody_and_is_refused(env: Env) -> None:
+    # Issue 13 item 9: the SDK's own `state.approve(item)` does not say who approved. It used to
+    # be granted as DEFAULT_APPROVER; an approval needs an accountable approver, so it is refused
+    # (and recorded), and the call does not run.
     backend = Backend()
     model = Scripted([call("create_refund", "p1", amount=150, currency="USD", account="acct-42")],
                      [say("done")])
@@ -127,8 +130,26 @@ def test_approval_through_plain_run_state(env: Env) -> None:
     state = result.to_state()
     state.approve(result.interruptions[0])  # the SDK's own call, no approver given
     execute("run", agent, state)
+    assert backend.executions == []
+    assert events(env, "approval.granted") == []
+    (refused,) = events(env, "approval.denied")
+    assert refused.extra["approver"] == DEFAULT_APPROVER and refused.extra["refused"] == "approve"
+    assert refused.decision.reasons[0].code == "approval.approver_unknown"
+    assert env.store.list_approvals("pending")  # still waiting for an accountable answer
+
+
+def test_plain_run_state_approval_counts_for_the_contexts_configured_approver(env: Env) -> None:
+    backend = Backend()
+    model = Scripted([call("create_refund", "p1", amount=150, currency="USD", account="acct-42")],
+                     [say("done")])
+    agent = support_agent(env, model, backend)
+    context = IAMRunContext(env.refund_token(max_amount=200), approver="bob@example.com")
+    result = execute("run", agent, REQUEST, context=context)
+    state = result.to_state()
+    state.approve(result.interruptions[0])
+    execute("run", agent, state)
     assert len(backend.executions) == 1
-    assert events(env, "approval.granted")[0].extra["approver"] == DEFAULT_APPROVER
+    assert events(env, "approval.granted")[0].extra["approver"] == "bob@example.com"
 
 
 def test_rejection_is_recorded_and_nothing_runs(env: Env) -> None:
