@@ -23,7 +23,8 @@ What it must never do
     * Lose a decision silently. A durable sink that fails makes :meth:`Recorder.record` raise
       :class:`~agentic_iam.errors.AuditError`; the Guard turns that into a deny, so the tool does
       not run without its record.
-    * Trust a torn log tail, or append after one (see :class:`JsonlSink`).
+    * Trust a torn log tail, or append after one; sign a head over a log that does not match
+      its last signed head (see :class:`JsonlSink`).
     * Import an agent framework, or need opentelemetry at import time (it is the ``otel`` extra and
       is imported when an :class:`OTelSink` is created).
 
@@ -42,14 +43,14 @@ File format (one JSON object per line, UTF-8, ``\\n``-terminated)
     the hash was recomputed, the next record's ``prev``); a deleted or moved record shows as a gap
     in ``sequence``. Neither catches a cut-off tail or a rewrite of the whole file: that is what the
     signed head is for. With a :class:`HeadSigner`, the sink replaces ``<log>.head`` atomically
-    (temporary file + ``os.replace``) after each write, and when it opens a log that has no head,
-    with::
+    (temporary file + ``os.replace``) after each write, and when it creates a log, with::
 
         {"count": N, "head_hash": "<hash of record N-1, or 64 zeros>", "kid": "...", "sig": "…"}
 
     where ``sig`` is Ed25519 over ``canonical_json({"count", "head_hash", "kid"})``. Keep the head
     (or a copy of it) somewhere the writer of the log cannot roll back: a head restored together
-    with an older copy of the log is, by construction, valid.
+    with an older copy of the log is, by construction, valid. The sink itself never signs a
+    head over records it has not checked (see :class:`JsonlSink`).
 
     The hash is over Python's canonical JSON: keys sorted by code point and floats in ``repr``
     form. That is stable across processes and Python versions but it is not RFC 8785 (JCS).
@@ -68,7 +69,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -138,6 +139,7 @@ EventType = Literal[
     "approval.granted",
     "approval.denied",
     "model.usage",
+    "audit.continued",
     "execution.ended",
     "execution.suspended",
 ]
@@ -595,9 +597,23 @@ def _read_all_at(fd: int, length: int, offset: int) -> bytes:
 
 @dataclass(frozen=True)
 class _Tail:
+    """What the sink knows the file holds, checked against the file before every append."""
+
     size: int
+    """Bytes in the file (-1: unknown, check the whole state again)."""
     next_sequence: int
+    """Records in the file (the last record's sequence + 1)."""
     last_hash: str
+    """Hash of the last record (64 zeros for none)."""
+    last_line: bytes = b""
+    """The last record's bytes with its newline, compared in place before each append."""
+    ident: tuple[int, int] = (0, 0)
+    """(st_dev, st_ino) of the file: a replaced or deleted log is noticed."""
+    head_stamp: tuple[int, int, int] | None = None
+    """(st_ino, st_size, st_mtime_ns) of the head as last written or verified."""
+
+
+_UNKNOWN: Final = _Tail(-1, 0, ZERO_HASH)
 
 
 class JsonlSink:
@@ -612,22 +628,43 @@ class JsonlSink:
       loss. An emit returns only once its record is on disk.
 
     Several processes (and threads) may append to one file and it stays one chain: each write
-    takes an exclusive ``fcntl.flock`` on the file, then reads the last line, computes
-    ``sequence`` and ``prev`` from it, appends, syncs, rewrites the head, and unlocks. So
-    ``sequence`` continues from the file's last record, whoever wrote it. ``flock`` is advisory:
-    only writers that use it are serialized, and it does not work over NFS. Open sinks after
-    ``fork``; a sink that notices it now runs in a child reopens its file descriptor (a shared
-    descriptor would share the lock). POSIX only.
+    takes an exclusive ``fcntl.flock`` on the file, checks the file (below), appends, syncs,
+    rewrites the head, and unlocks. So ``sequence`` continues from the file's last record,
+    whoever wrote it. ``flock`` is advisory: only writers that use it are serialized, and it does
+    not work over NFS. Open sinks after ``fork``; a sink that notices it now runs in a child
+    reopens its file descriptor (a shared descriptor would share the lock). POSIX only.
 
-    A file that ends with a torn (partial) line — a writer died mid-write — is never chained
-    onto: opening it, or finding one before a write, raises
-    :class:`~agentic_iam.errors.AuditIntegrityError` naming the torn record's index. With
-    ``repair_torn_tail=True`` (explicit, keyword-only) the torn bytes are moved to
-    ``<log>.torn`` and the file is cut back to its last complete record. The last complete record
-    must also verify on its own (canonical, own hash), or the sink refuses to continue the chain.
+    **It never signs over a log it cannot vouch for.** With a ``signer``, opening the log checks
+    that its last record is the one the signed head names (count and hash; the head's signature
+    is checked with the signer's own key): a log that is shorter than its head, holds records
+    the head does not cover, ends in a different record (a rewrite), or has records and no head
+    raises :class:`~agentic_iam.errors.AuditIntegrityError`. A brand-new log (no records, no
+    head) is signed at once. Before every append the sink compares what it knows (file identity,
+    size, the last record's bytes, the head file's identity) with the file; records another
+    writer appended since are verified one by one (chain and sequence) against the head they
+    signed. Any mismatch raises the same error, and the sink then refuses every later event:
+    the Guard turns that into a deny (``audit.failed``) until an operator acts (see
+    ``continues_from``). Without a signer there is no head: the sink checks the same in-memory
+    state, refuses a log that has a head (it could not keep it current), and cannot tell a
+    rewrite made while it was closed (that is what the signed head is for).
 
-    Every failure to write raises :class:`~agentic_iam.errors.AuditError`; a partially written
-    line is cut off again before the error is raised.
+    A file that ends with a torn (partial) line — a writer died mid-write — or with records the
+    signed head does not cover — a writer died between its append and its head update, or
+    someone appended without the key — is never chained onto or signed over. With
+    ``repair_torn_tail=True`` (explicit, keyword-only) those bytes are moved to ``<log>.torn``
+    and the file is cut back to its last signed record; nothing acknowledged is lost that way,
+    because an emit returns only after its head is written.
+
+    ``continues_from`` (with a ``signer``) starts a *new* log after a broken one: when the new
+    file is empty, its first record is an ``audit.continued`` event naming the old log, the
+    count and hash of its last record covered by a valid signed head (the last verified state)
+    and what :func:`verify_log` found; later opens check that the first record is that event.
+    ``previous_keys`` adds public keys (by kid) for a head signed before a key rotation.
+
+    A failed head write cuts the records it should have covered off the file again before the
+    error is raised, so the log never keeps an ``allow`` for a call that was denied because
+    its record could not be made durable. Every failure to write raises
+    :class:`~agentic_iam.errors.AuditError`.
     """
 
     def __init__(
@@ -638,6 +675,8 @@ class JsonlSink:
         signer: HeadSigner | None = None,
         head_path: str | os.PathLike[str] | None = None,
         repair_torn_tail: bool = False,
+        continues_from: str | os.PathLike[str] | None = None,
+        previous_keys: Mapping[str, Ed25519PublicKey] | None = None,
         max_buffer: int = 256,
         file_mode: int = 0o600,
     ) -> None:
@@ -647,26 +686,35 @@ class JsonlSink:
             raise AuditError(f"unknown durability `{durability}`: use buffered, flush or fsync")
         if max_buffer < 1:
             raise AuditError("max_buffer must be at least 1")
+        if continues_from is not None and signer is None:
+            raise AuditError("`continues_from` needs a `signer`: the new log must be signed")
         self.durable = True
         self.path = Path(path)
         self.head_path = Path(head_path) if head_path is not None else _default_head_path(self.path)
         self.durability = durability
         self._signer = signer
+        self._public = signer.public_key() if signer is not None else None
         self._repair = repair_torn_tail
+        self._continues = Path(continues_from) if continues_from is not None else None
+        self._previous_keys = dict(previous_keys or {})
+        if self._continues is not None and self._continues.resolve() == self.path.resolve():
+            raise AuditError("`continues_from` must name the old log, not the new one")
         self._max_buffer = max_buffer
         self._mode = file_mode
         self._lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._closed = False
+        self._broken: str | None = None
         self._fd = -1
         self._pid = os.getpid()
-        self._tail = _Tail(-1, 0, ZERO_HASH)
+        self._tail = _UNKNOWN
         self._open()
         try:
-            # Check (or repair) the tail now, not at the first event; and sign the current state
-            # right away, so that a log never lacks its head, even if the writer dies after its
-            # first append (a missing head is otherwise indistinguishable from a deleted one).
-            self._locked(self._sign_if_unsigned)
+            # Check (or repair) the file against its head now, not at the first event; and sign
+            # a brand-new log right away, so that a log never lacks its head, even if the writer
+            # dies after its first append (a missing head is otherwise indistinguishable from a
+            # deleted one).
+            self._locked(self._after_open)
         except BaseException:
             os.close(self._fd)
             raise
@@ -680,7 +728,7 @@ class JsonlSink:
         except OSError as exc:
             raise AuditError(f"cannot open audit log `{self.path}`: {exc.strerror}") from exc
         self._pid = os.getpid()
-        self._tail = _Tail(-1, 0, ZERO_HASH)  # unknown: reload under the lock
+        self._tail = _UNKNOWN  # unknown: load and check under the lock
 
     def emit(self, event: AuditEvent) -> None:
         body = _scrubbed_event(event).to_json_dict()
@@ -733,6 +781,12 @@ class JsonlSink:
     def _check_open(self) -> None:
         if self._closed:
             raise AuditError(f"audit log `{self.path}` is closed")
+        if self._broken is not None:
+            raise AuditIntegrityError(
+                f"audit log `{self.path}` failed its integrity check ({self._broken}); refusing "
+                "to record until an operator acts: verify it with `aiam audit verify`, then "
+                "start a new log with `JsonlSink(..., continues_from=...)`"
+            )
 
     def _locked(self, action: Callable[[], None]) -> None:
         with self._lock:
@@ -746,61 +800,286 @@ class JsonlSink:
             except OSError as exc:
                 raise AuditError(f"cannot lock audit log `{self.path}`: {exc.strerror}") from exc
             try:
-                size = os.fstat(self._fd).st_size
-                if size != self._tail.size:
-                    self._tail = self._load_tail(size)
+                if self._tail.size < 0:
+                    self._tail = self._load()
+                else:
+                    self._tail = self._recheck(self._tail)
                 action()
+            except AuditIntegrityError as exc:
+                # Tampering, or a state the sink cannot vouch for: nothing more is written
+                # through this sink (a new one re-checks the file when it opens).
+                self._broken = str(exc)
+                raise
             except OSError as exc:
                 raise AuditError(f"audit log `{self.path}`: {exc.strerror or exc}") from exc
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _load_tail(self, size: int) -> _Tail:
-        """Read the last record (another process may have appended since our last write)."""
-        if size == 0:
-            return _Tail(0, 0, ZERO_HASH)
-        if _read_all_at(self._fd, 1, size - 1) != b"\n":
-            last_newline = _rfind_newline(self._fd, size)
-            complete_end = last_newline + 1
-            if not self._repair:
-                index = self._tail_at(complete_end).next_sequence
-                raise AuditIntegrityError(
-                    f"audit log `{self.path}` ends with a torn record at index {index}; "
-                    "run `aiam audit verify` on it and repair it before appending",
-                    index=index,
-                )
-            torn = _read_all_at(self._fd, size - complete_end, complete_end)
-            torn_path = self.path.with_name(self.path.name + ".torn")
-            with open(torn_path, "ab") as keep:
-                keep.write(torn + b"\n")
-            os.ftruncate(self._fd, complete_end)
-            os.fsync(self._fd)
-            logger.warning(
-                "audit log `%s`: moved a torn last record (%d bytes) to `%s`",
-                self.path,
-                len(torn),
-                torn_path,
-            )
-            size = complete_end
-        return self._tail_at(size)
+    def _tampered(self, what: str, *, index: int | None = None) -> AuditIntegrityError:
+        return AuditIntegrityError(f"audit log `{self.path}`: {what}", index=index)
 
-    def _tail_at(self, end: int) -> _Tail:
+    # loading and checking
+
+    def _identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of our descriptor; raises when the path names another file."""
+        own = os.fstat(self._fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            raise self._tampered("the file was deleted or moved while open") from None
+        if (named.st_dev, named.st_ino) != (own.st_dev, own.st_ino):
+            raise self._tampered("the file was replaced while open")
+        return own.st_dev, own.st_ino
+
+    def _load(self) -> _Tail:
+        """The full check, on open: torn tail, last record, and the signed head."""
+        ident = self._identity()
+        size = os.fstat(self._fd).st_size
+        if size > 0 and _read_all_at(self._fd, 1, size - 1) != b"\n":
+            size = self._torn(size)
+        tail = self._tail_at(size, ident)
+        if self._signer is None:
+            if self.head_path.exists():
+                raise self._tampered(
+                    f"it has a signed head `{self.head_path}`; open it with its HeadSigner "
+                    "(a sink without one could not keep the head current)"
+                )
+            return tail
+        head = self._verified_head()
+        if head is None:
+            if tail.next_sequence == 0:
+                return tail  # brand new: signed by _after_open
+            raise self._tampered(
+                f"{tail.next_sequence} record(s) and no signed head (`{self.head_path}` is "
+                "missing): it may have been deleted to hide a rewrite"
+            )
+        if head.count > tail.next_sequence:
+            raise self._tampered(
+                f"the signed head covers {head.count} records but the file ends at "
+                f"{tail.next_sequence}: it was truncated",
+                index=tail.next_sequence,
+            )
+        if head.count < tail.next_sequence:
+            if not self._repair:
+                raise self._tampered(
+                    f"{tail.next_sequence - head.count} record(s) after the signed head (a "
+                    "writer died before signing, or they were appended without the key); "
+                    "repair with repair_torn_tail=True or start a new log",
+                    index=head.count,
+                )
+            tail = self._cut_unsigned(tail, head, ident)
+        if tail.last_hash != (head.head_hash if head.count else ZERO_HASH):
+            raise self._tampered(
+                "its last record is not the one the signed head names: it was rewritten",
+                index=max(head.count - 1, 0),
+            )
+        return replace(tail, head_stamp=self._head_stamp())
+
+    def _torn(self, size: int) -> int:
+        last_newline = _rfind_newline(self._fd, size)
+        complete_end = last_newline + 1
+        if not self._repair:
+            index = self._tail_at(complete_end, (0, 0)).next_sequence
+            raise AuditIntegrityError(
+                f"audit log `{self.path}` ends with a torn record at index {index}; "
+                "run `aiam audit verify` on it and repair it before appending",
+                index=index,
+            )
+        self._quarantine(complete_end, size, "a torn last record")
+        return complete_end
+
+    def _quarantine(self, start: int, end: int, what: str) -> None:
+        """Move bytes ``start:end`` (the end of the file) to ``<log>.torn`` and cut them off."""
+        torn = _read_all_at(self._fd, end - start, start)
+        torn_path = self.path.with_name(self.path.name + ".torn")
+        with open(torn_path, "ab") as keep:
+            keep.write(torn if torn.endswith(b"\n") else torn + b"\n")
+            keep.flush()
+            os.fsync(keep.fileno())
+        os.ftruncate(self._fd, start)
+        os.fsync(self._fd)
+        logger.warning(
+            "audit log `%s`: moved %s (%d bytes) to `%s`", self.path, what, len(torn), torn_path
+        )
+
+    def _tail_at(self, end: int, ident: tuple[int, int]) -> _Tail:
         """The state after the complete record that ends at ``end`` (``end - 1`` is ``\\n``)."""
         if end <= 0:
-            return _Tail(0, 0, ZERO_HASH)
+            return _Tail(0, 0, ZERO_HASH, b"", ident)
         start = _rfind_newline(self._fd, end - 1) + 1
-        line = _read_all_at(self._fd, end - 1 - start, start)
-        record, problem = _check_line(line)
+        line = _read_all_at(self._fd, end - start, start)
+        record, problem = _check_line(line[:-1])
         if record is None:
             raise AuditIntegrityError(
                 f"audit log `{self.path}`: the last record does not verify ({problem}); "
                 "refusing to extend its chain"
             )
-        return _Tail(end, record["sequence"] + 1, record["hash"])
+        return _Tail(end, record["sequence"] + 1, record["hash"], line, ident)
 
-    def _sign_if_unsigned(self) -> None:
-        if self._signer is not None and not self.head_path.exists():
-            self._write_head(self._tail.next_sequence, self._tail.last_hash, self._signer)
+    def _cut_unsigned(self, tail: _Tail, head: _Head, ident: tuple[int, int]) -> _Tail:
+        """Move the records after the one the head names to ``<log>.torn`` (repair)."""
+        end = tail.size
+        while end > 0:
+            start = _rfind_newline(self._fd, end - 1) + 1
+            try:
+                record = _strict_loads(_read_all_at(self._fd, end - 1 - start, start))
+            except (UnicodeDecodeError, ValueError):
+                record = None
+            if (
+                isinstance(record, dict)
+                and record.get("sequence") == head.count - 1
+                and record.get("hash") == head.head_hash
+            ):
+                break
+            end = start
+        if head.count and end == 0:
+            raise self._tampered(
+                "the record its signed head names is not in the file: it was rewritten",
+                index=head.count - 1,
+            )
+        self._quarantine(end, tail.size, f"{tail.next_sequence - head.count} unsigned record(s)")
+        return self._tail_at(end, ident)
+
+    def _verified_head(self) -> _Head | None:
+        """The head, its signature checked with the signer's key; ``None`` when absent."""
+        head = _read_head(self.head_path)
+        if isinstance(head, str):
+            raise self._tampered(f"its head is unreadable ({head})")
+        if head is None:
+            return None
+        keys = dict(self._previous_keys)
+        if self._signer is not None and self._public is not None:
+            keys[self._signer.kid] = self._public
+        problem = _head_signature_problem(head, keys)
+        if problem is not None:
+            raise self._tampered(f"its head does not verify ({problem})")
+        return head
+
+    def _head_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.head_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _recheck(self, tail: _Tail) -> _Tail:
+        """The cheap check before an append: the file is still what this sink last saw.
+
+        Identity, size and the last record's bytes in place (a few syscalls, no hashing of the
+        whole file). Records another writer appended since are verified one by one, and then
+        the head they signed must name their last one.
+        """
+        if self._identity() != tail.ident:
+            raise self._tampered("the file was replaced while open")
+        size = os.fstat(self._fd).st_size
+        if size < tail.size:
+            raise self._tampered(
+                f"it shrank from {tail.size} to {size} bytes while open: it was truncated",
+                index=tail.next_sequence,
+            )
+        if tail.last_line and _read_all_at(
+            self._fd, len(tail.last_line), tail.size - len(tail.last_line)
+        ) != tail.last_line:
+            raise self._tampered(
+                f"record {tail.next_sequence - 1} changed in place while open",
+                index=tail.next_sequence - 1,
+            )
+        grown = size > tail.size
+        if grown:
+            tail = self._appended_by_others(tail, size)
+        if self._signer is not None:
+            stamp = self._head_stamp()
+            if stamp is None:
+                raise self._tampered(f"its head `{self.head_path}` was deleted while open")
+            # Records appended since must be covered by the head their writer signed.
+            if grown or stamp != tail.head_stamp:
+                head = self._verified_head()
+                if head is None or (head.count, head.head_hash) != (
+                    tail.next_sequence,
+                    tail.last_hash,
+                ):
+                    raise self._tampered(
+                        "its head changed while open and no longer names the last record"
+                    )
+                tail = replace(tail, head_stamp=stamp)
+        return tail
+
+    def _appended_by_others(self, tail: _Tail, size: int) -> _Tail:
+        data = _read_all_at(self._fd, size - tail.size, tail.size)
+        if not data.endswith(b"\n"):
+            if not self._repair:
+                index = tail.next_sequence + data.count(b"\n")
+                raise AuditIntegrityError(
+                    f"audit log `{self.path}` ends with a torn record at index {index}; run "
+                    "`aiam audit verify` on it and repair it before appending",
+                    index=index,
+                )
+            complete = data.rfind(b"\n") + 1
+            self._quarantine(tail.size + complete, size, "a torn last record")
+            data = data[:complete]
+        sequence, prev, offset = tail.next_sequence, tail.last_hash, tail.size
+        line = tail.last_line
+        for raw in data.splitlines(keepends=True):
+            record, problem = _check_line(raw[:-1])
+            if record is None or record["sequence"] != sequence or record["prev"] != prev:
+                raise self._tampered(
+                    f"record {sequence}, appended while open, does not continue the chain"
+                    + (f" ({problem})" if problem else ""),
+                    index=sequence,
+                )
+            sequence, prev, line = sequence + 1, record["hash"], raw
+            offset += len(raw)
+        return replace(tail, size=offset, next_sequence=sequence, last_hash=prev, last_line=line)
+
+    # writing
+
+    def _after_open(self) -> None:
+        fresh = self._tail.next_sequence == 0 and not self.head_path.exists()
+        if self._signer is not None and fresh:
+            stamp = self._write_head(0, ZERO_HASH, self._signer)
+            self._tail = replace(self._tail, head_stamp=stamp)
+        if self._continues is not None:
+            self._continue_or_check()
+
+    def _continue_or_check(self) -> None:
+        assert self._continues is not None and self._signer is not None and self._public is not None
+        old = str(self._continues.resolve())
+        if self._tail.next_sequence > 0:
+            first = _first_record(self._fd)
+            extra = first.get("extra") if isinstance(first, dict) else None
+            if (
+                not isinstance(first, dict)
+                or first.get("event_type") != "audit.continued"
+                or not isinstance(extra, dict)
+                or extra.get("continues_from") != old
+            ):
+                raise AuditError(
+                    f"audit log `{self.path}` does not start by continuing `{old}`; drop "
+                    "`continues_from`, or point it at a new, empty file"
+                )
+            return
+        keys = dict(self._previous_keys)
+        keys[self._signer.kid] = self._public
+        report = verify_log(self._continues, public_keys=keys)
+        extra = {
+            "continues_from": old,
+            "previous_records": str(report.count),
+            "previous_status": "intact" if report.intact else (report.problem or "not intact"),
+        }
+        if report.head_signed and report.head_count is not None and report.head_hash:
+            # The last state a valid signature vouches for, whatever happened to the file since.
+            extra["previous_count"] = str(report.head_count)
+            extra["previous_head_hash"] = report.head_hash
+            extra["previous_kid"] = report.head_kid or ""
+        event = AuditEvent(
+            time=_format_time(_utc_now()), sequence=0, event_type="audit.continued", extra=extra
+        )
+        body = event.to_json_dict()
+        body.pop("sequence", None)
+        self._append([body])
+        logger.warning(
+            "audit log `%s` continues `%s` (%s)", self.path, old, extra["previous_status"]
+        )
 
     def _append(self, bodies: list[dict[str, Any]]) -> None:
         tail = self._tail
@@ -820,19 +1099,41 @@ class JsonlSink:
                 _datasync(self._fd)
         except OSError as exc:
             # Do not leave a torn line behind for the next writer to trip over.
-            try:
-                os.ftruncate(self._fd, tail.size)
-            except OSError:
-                logger.error("audit log `%s`: could not cut back a partial write", self.path)
-            self._tail = _Tail(-1, 0, ZERO_HASH)
+            self._cut_back(tail)
             raise AuditError(f"cannot write audit log `{self.path}`: {exc.strerror}") from exc
-        self._tail = _Tail(tail.size + len(data), sequence, prev)
+        new = replace(
+            tail, size=tail.size + len(data), next_sequence=sequence, last_hash=prev,
+            last_line=lines[-1],
+        )
         if self._signer is not None:
-            self._write_head(sequence, prev, self._signer)
+            try:
+                stamp = self._write_head(sequence, prev, self._signer)
+            except Exception:
+                # The records are not covered by a signature: take them out again, so that the
+                # log never keeps an `allow` for a call the Guard then denied (audit.failed).
+                self._cut_back(tail)
+                raise
+            new = replace(new, head_stamp=stamp)
+        self._tail = new
 
-    def _write_head(self, count: int, head_hash: str, signer: HeadSigner) -> None:
+    def _cut_back(self, tail: _Tail) -> None:
+        try:
+            os.ftruncate(self._fd, tail.size)
+            if self.durability == "fsync":
+                _datasync(self._fd)
+        except OSError:
+            logger.error("audit log `%s`: could not cut back an unfinished write", self.path)
+            self._broken = "an unfinished write could not be cut back"
+        self._tail = _UNKNOWN
+
+    def _write_head(self, count: int, head_hash: str, signer: HeadSigner) -> tuple[int, int, int]:
+        """Sign and atomically replace the head; return its stamp (inode, size, mtime)."""
         payload = {"count": count, "head_hash": head_hash, "kid": signer.kid}
-        head = dict(payload, sig=_b64url(signer.sign(canonical_json(payload))))
+        try:
+            signature = signer.sign(canonical_json(payload))
+        except Exception as exc:
+            raise AuditError(f"cannot sign audit head ({type(exc).__name__})") from None
+        head = dict(payload, sig=_b64url(signature))
         temporary = self.head_path.with_name(f"{self.head_path.name}.tmp.{os.getpid()}")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
@@ -840,6 +1141,7 @@ class JsonlSink:
                 os.write(fd, canonical_json(head) + b"\n")
                 if self.durability == "fsync":
                     os.fsync(fd)
+                st = os.fstat(fd)  # a rename keeps inode, size and mtime
             finally:
                 os.close(fd)
             os.replace(temporary, self.head_path)
@@ -847,6 +1149,23 @@ class JsonlSink:
                 _fsync_dir(self.head_path.parent)
         except OSError as exc:
             raise AuditError(f"cannot write audit head `{self.head_path}`: {exc.strerror}") from exc
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _first_record(fd: int) -> Any:
+    """The first line of the file, parsed (``None`` when it is not JSON)."""
+    end = 0
+    chunk = b""
+    while b"\n" not in chunk:
+        more = os.pread(fd, 64 * 1024, end)
+        if not more:
+            break
+        chunk += more
+        end += len(more)
+    try:
+        return _strict_loads(chunk.split(b"\n", 1)[0])
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _default_head_path(path: Path) -> Path:
@@ -950,7 +1269,18 @@ class VerifyReport:
     head_signed: bool = False
     """True when the head's signature was checked against a given public key."""
     unsigned_tail: int = 0
-    """Records after the head (normal in buffered mode between flushes, or after a crash)."""
+    """Records after the head (a writer died between its append and its head update, or they
+    were appended without the key): not covered by any signature."""
+    head_hash: str | None = None
+    """The hash the head names (the last record it covers), when there is a head."""
+    head_kid: str | None = None
+    """The key id the head names (printable), when there is a head."""
+
+    @property
+    def intact(self) -> bool:
+        """Proved intact: every record verifies and a head whose signature was checked covers
+        exactly all of them. ``ok`` alone only means nothing wrong was found."""
+        return self.ok and self.head_signed and self.unsigned_tail == 0
 
 
 @dataclass(frozen=True)
@@ -991,6 +1321,19 @@ def _printable(text: str, limit: int = 80) -> str:
     return clean if len(clean) <= limit else clean[:limit] + "…"
 
 
+def _head_signature_problem(head: _Head, keys: Mapping[str, Ed25519PublicKey]) -> str | None:
+    """``None`` when ``head`` is signed by the key ``keys`` holds for its kid, else the problem."""
+    key = keys.get(head.kid)
+    if key is None:
+        return "head signed by unknown key"
+    payload = canonical_json({"count": head.count, "head_hash": head.head_hash, "kid": head.kid})
+    try:
+        key.verify(_b64url_decode(head.sig), payload)
+    except (InvalidSignature, ValueError):
+        return "head signature invalid"
+    return None
+
+
 def verify_log(
     path: str | os.PathLike[str],
     *,
@@ -1008,7 +1351,9 @@ def verify_log(
       ``truncated``; a different hash at its count is ``rewritten``. With ``public_keys`` its
       signature must verify and a missing head is a problem; without, the head is only compared.
 
-    Raises :class:`AuditError` only when the log cannot be read at all.
+    ``ok`` means nothing wrong was found; :attr:`VerifyReport.intact` means it was proved
+    (signature checked, no record after the head). Raises :class:`AuditError` only when the
+    log cannot be read at all.
     """
     log_path = Path(path)
     head_file = Path(head_path) if head_path is not None else _default_head_path(log_path)
@@ -1019,18 +1364,25 @@ def verify_log(
     if head is None and public_keys is not None:
         return _report_all(log_path, "head missing", None, f"no head file `{head_file}`")
     if head is not None and public_keys is not None:
-        key = public_keys.get(head.kid)
-        if key is None:
-            return _report_all(
-                log_path, "head signed by unknown key", None, f"kid `{_printable(head.kid)}`"
+        problem_text = _head_signature_problem(head, public_keys)
+        if problem_text is not None:
+            detail = f"kid `{_printable(head.kid)}`" if "unknown" in problem_text else None
+            return replace(
+                _report_all(log_path, problem_text, None, detail),
+                head_count=head.count,
+                head_kid=_printable(head.kid),
             )
-        signed_part = {"count": head.count, "head_hash": head.head_hash, "kid": head.kid}
-        payload = canonical_json(signed_part)
-        try:
-            key.verify(_b64url_decode(head.sig), payload)
-        except (InvalidSignature, ValueError):
-            return _report_all(log_path, "head signature invalid", None, None)
         signed = True
+
+    def report(ok: bool, count: int, index: int | None = None, what: str | None = None,
+               detail: str | None = None) -> VerifyReport:
+        if head is None:
+            return VerifyReport(ok, count, index, what, detail)
+        return VerifyReport(
+            ok, count, index, what, detail, head.count, signed,
+            unsigned_tail=max(count - head.count, 0) if ok else 0,
+            head_hash=head.head_hash, head_kid=_printable(head.kid),
+        )
 
     count = 0
     expected = 0
@@ -1074,37 +1426,27 @@ def verify_log(
 
     if problem is not None:
         index, what, detail = problem
-        return VerifyReport(False, count, index, what, detail, _head_count(head), signed)
+        return report(False, count, index, what, detail)
     if head is None:
-        return VerifyReport(True, count)
+        return report(True, count)
     if head.count > count:
-        return VerifyReport(
+        return report(
             False,
             count,
             count,
             f"truncated (head says {head.count} records)",
             f"{head.count - count} record(s) missing at the end",
-            head.count,
-            signed,
         )
     expected_hash = ZERO_HASH if head.count == 0 else hash_at_head
     if expected_hash != head.head_hash:
-        return VerifyReport(
+        return report(
             False,
             count,
             max(head.count - 1, 0),
             "rewritten (does not match the signed head)",
             "the record the head counts last has a different hash",
-            head.count,
-            signed,
         )
-    return VerifyReport(
-        True, count, head_count=head.count, head_signed=signed, unsigned_tail=count - head.count
-    )
-
-
-def _head_count(head: _Head | None) -> int | None:
-    return head.count if head is not None else None
+    return report(True, count)
 
 
 def _report_all(path: Path, problem: str, index: int | None, detail: str | None) -> VerifyReport:
@@ -1144,7 +1486,8 @@ class OTelSink:
     * ``approval.*`` become span events on the call's open span, or on a short ``aiam.approval``
       span; ``delegation.*`` become a short ``aiam.delegation`` span carrying one span event
       named after the event type; ``model.usage`` a short ``aiam.model_usage`` span with
-      ``gen_ai.usage.*`` attributes.
+      ``gen_ai.usage.*`` attributes; ``audit.continued`` (a log that continues a broken one;
+      written by :class:`JsonlSink` itself, so other sinks rarely see it) an ``aiam.audit`` span.
 
     Attributes: ``gen_ai.operation.name`` (``execute_tool``), ``gen_ai.tool.name``,
     ``gen_ai.tool.call.id``, ``gen_ai.agent.id``, ``gen_ai.agent.name``, ``gen_ai.request.model``,
@@ -1225,6 +1568,8 @@ class OTelSink:
                 self._point_span("aiam.approval", event)
         elif kind.startswith("delegation."):
             self._point_span("aiam.delegation", event)
+        elif kind.startswith("audit."):
+            self._point_span("aiam.audit", event)
         else:
             self._point_span("aiam.model_usage", event)
 

@@ -527,11 +527,12 @@ def test_a_signed_sink_signs_the_log_when_it_opens_it(tmp_path: Path) -> None:
     JsonlSink(path, signer=make_signer()).close()
     head = json.loads((tmp_path / "audit.jsonl.head").read_text())
     assert (head["count"], head["head_hash"]) == (0, ZERO_HASH)
-    late = Recorder([JsonlSink(path)])  # a record the head does not cover yet
-    late.record("model.usage")
-    late.close()
+    # Issue 13 item 3: a sink without the signer cannot keep that head current, so it refuses
+    # the log instead of appending records the head does not cover (it used to append them).
+    with pytest.raises(AuditIntegrityError, match="open it with its HeadSigner"):
+        JsonlSink(path)
     report = verify_log(path, public_keys={"audit-1": make_signer().public_key()})
-    assert report.ok and (report.count, report.head_count, report.unsigned_tail) == (1, 0, 1)
+    assert report.intact and (report.count, report.head_count) == (0, 0)
 
 
 def test_head_can_be_kept_elsewhere(tmp_path: Path) -> None:

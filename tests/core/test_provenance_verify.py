@@ -206,14 +206,23 @@ def test_head_problems(tmp_path: Path) -> None:
     assert verify_log(path).ok  # without keys a missing head is only a missing extra check
 
 
+def append_forged(path: Path, count: int = 1) -> None:
+    """Append records that continue the chain correctly, written without the signing key."""
+    for _ in range(count):
+        last = json.loads(lines(path)[-1])
+        record = {"event_type": "model.usage", "schema_version": 1, "time": last["time"],
+                  "sequence": last["sequence"] + 1, "prev": last["hash"]}
+        with path.open("ab") as handle:
+            handle.write(rehash(record))
+
+
 def test_records_after_the_head_are_reported_as_unsigned(tmp_path: Path) -> None:
     path = write_log(tmp_path / "audit.jsonl")
-    late = Recorder([JsonlSink(path)])  # appends without updating the head
-    late.record("model.usage")
-    late.close()
+    append_forged(path)  # appended without the key, so without updating the head
     report = verify_log(path, public_keys=keys())
     assert report.ok and report.count == N + 1
     assert (report.head_count, report.unsigned_tail) == (N, 1)
+    assert not report.intact  # issue 13 item 4: nothing wrong found is not proved intact
 
 
 def test_empty_log_verifies(tmp_path: Path) -> None:
