@@ -5,8 +5,14 @@ never write to a log or its head, never print a traceback for wrong input (one `
 stderr and exit 2), and never let text from a log drive the terminal (all log text is printed
 through rich ``Text``, which strips control codes, or sanitized first).
 
-Exit codes: 0 success; 1 the log does not verify (``verify``) or the execution is unknown
-(``tree``); 2 wrong input (missing file, bad JSON, bad JWKS).
+Exit codes: 0 success (``verify``: proved intact); 1 the log does not verify (``verify``,
+``export``) or the execution is unknown (``tree``); 2 wrong input (missing file, bad JSON, bad
+JWKS, unreachable JWKS URL); 3 nothing wrong was found but intactness is not proved (``verify``,
+``export``: no key, no head, an unknown kid, records after the head).
+
+Where the verifier finds the public key: ``--jwks FILE|URL``, else ``$AIAM_AUDIT_JWKS`` (a file
+or an https URL, e.g. the broker's published JWKS). Never from a file next to the log: whoever
+can rewrite the log can rewrite a key beside it. The head names the key by ``kid``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import functools
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -32,10 +40,12 @@ from agentic_iam.core.audit_export import (
     ExecutionNode,
     delegation_tree,
     read_events,
+    read_records,
     to_ocsf,
 )
 from agentic_iam.core.provenance import (
     AuditEvent,
+    VerifyReport,
     canonical_json,
     public_keys_from_jwks,
     verify_log,
@@ -105,6 +115,23 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _console() -> Console:
+    # Created per command so that it writes to the stdout in effect (CliRunner swaps it).
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        # Piped output keeps the timeline's columns readable instead of folding at 80.
+        console = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=180)
+    return console
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+JWKS_ENV = "AIAM_AUDIT_JWKS"
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_MAX_JWKS_BYTES = 1_000_000
+
+
 def load_jwks_file(path: Path) -> dict[str, Ed25519PublicKey]:
     """Ed25519 public keys by kid from a JWKS JSON file (OKP/Ed25519 keys)."""
     if not path.is_file():
@@ -118,47 +145,162 @@ def load_jwks_file(path: Path) -> dict[str, Ed25519PublicKey]:
     return public_keys_from_jwks(document)
 
 
-def _console() -> Console:
-    # Created per command so that it writes to the stdout in effect (CliRunner swaps it).
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-    if not console.is_terminal:
-        # Piped output keeps the timeline's columns readable instead of folding at 80.
-        console = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=180)
-    return console
+def load_jwks_url(url: str) -> dict[str, Ed25519PublicKey]:
+    """Ed25519 public keys by kid from a JWKS URL (https; http only to this machine)."""
+    import httpx
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK):
+        _fail(f"JWKS URL `{url}` must use https (plain http only for localhost)")
+    try:
+        response = httpx.get(url, timeout=10.0, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot fetch JWKS `{url}`: {type(exc).__name__}")
+    if response.status_code != 200:
+        _fail(f"cannot fetch JWKS `{url}`: HTTP {response.status_code}")
+    if len(response.content) > _MAX_JWKS_BYTES:
+        _fail(f"JWKS `{url}` is larger than {_MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(response.content.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        _fail(f"JWKS `{url}` is not valid JSON: {exc}")
+    if not isinstance(document, dict):
+        _fail(f"JWKS `{url}` must hold a JSON object with `keys`")
+    return public_keys_from_jwks(document)
 
 
-# --- verify ----------------------------------------------------------------------------------
+def _load_keys(source: str | None) -> dict[str, Ed25519PublicKey] | None:
+    if source is None or not source.strip():
+        return None
+    if source.startswith(("https://", "http://")):
+        return load_jwks_url(source)
+    return load_jwks_file(Path(source))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``aiam audit verify`` concluded, and the lines it prints."""
+
+    code: int
+    """0 intact (proved), 1 damaged or tampered, 3 nothing wrong found but not proved."""
+    headline: str
+    """The first line."""
+    notes: tuple[str, ...]
+    """What was and was not verified, one line each."""
+    report: VerifyReport
+    """The report the verdict rests on."""
+
+    def covers(self, index: int) -> bool:
+        """Whether record ``index`` is proved: the log is intact, or (signed, nothing wrong
+        found) the record is one the valid signed head covers."""
+        if self.code == 0:
+            return True
+        report = self.report
+        return (
+            report.ok and report.head_signed and report.head_count is not None
+            and index < report.head_count
+        )
+
+
+JwksOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--jwks", envvar=JWKS_ENV, show_default=False,
+        help=f"JWKS file or URL with the key that signs the log's head [env: {JWKS_ENV}].",
+    ),
+]
+HeadOpt = Annotated[Path | None, typer.Option("--head", help="Head file [default: FILE.head].")]
+UnsignedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unsigned",
+        help="The log is unsigned by design: accept a verified hash chain without a head "
+        "(a cut-off tail or a rewritten log then cannot be detected).",
+    ),
+]
+
+
+def verify_verdict(
+    path: Path, *, jwks: str | None, head: Path | None, unsigned: bool
+) -> Verdict:
+    """Verify ``path`` and say what was proved (see :func:`verify` for the exit codes)."""
+    keys = _load_keys(jwks)
+    source = f"`{jwks}`" if jwks else None
+    report = verify_log(path, public_keys=keys, head_path=head)
+    unchecked_signature: str | None = None
+    if report.problem in ("head missing", "head signed by unknown key"):
+        # Nothing proves the log, but the chain (and a head's count and hash) may still be
+        # checked: say what holds, and what does not.
+        if report.problem == "head signed by unknown key":
+            unchecked_signature = (
+                f"the head's signature: its kid `{report.head_kid}` is not in the JWKS {source}"
+            )
+        report = verify_log(path, head_path=head)
+    if not report.ok:
+        where = f"record {report.first_bad_index}" if report.first_bad_index is not None else "log"
+        detail = f" ({report.detail})" if report.detail else ""
+        return Verdict(1, f"{where}: {report.problem}{detail}",
+                       ("not intact: a check failed; the log was changed or damaged",), report)
+
+    count = report.count
+    notes = [
+        f"verified: the hash chain of all {count} records (none changed, deleted or reordered)"
+        if count else "verified: the log is empty"
+    ]
+    head_file = head or path.with_name(path.name + ".head")
+    if report.head_count is None:
+        if unsigned:
+            notes.append("not checked: a signed head (--unsigned: a cut-off tail or a rewritten "
+                         "log cannot be detected)")
+            return Verdict(0, f"intact (unsigned): {count} records", tuple(notes), report)
+        notes.append(f"not verified: there is no signed head (`{head_file}` is missing), so a "
+                     "cut-off tail or a rewritten log cannot be ruled out; pass --unsigned if "
+                     "this log is unsigned by design")
+        return Verdict(3, f"not verified: {count} records, no signed head", tuple(notes), report)
+
+    covered = report.head_count
+    notes.append(
+        f"verified: the head's count ({covered}) and hash match record {covered - 1}"
+        if covered else "verified: the head's count (0) matches an empty log"
+    )
+    if report.head_signed:
+        notes.append(f"verified: the head's signature (kid `{report.head_kid}`, key from "
+                     f"{source})")
+    else:
+        notes.append("not verified: " + (unchecked_signature or (
+            f"the head's signature: no key (pass --jwks FILE|URL or set ${JWKS_ENV})")))
+    if report.unsigned_tail:
+        notes.append(f"not verified: {report.unsigned_tail} record(s) after the signed head (a "
+                     "writer died before signing them, or they were appended without the key)")
+    if report.head_signed and not report.unsigned_tail:
+        return Verdict(0, f"intact: {count} records (hash chain verified; signed head covers "
+                          f"{covered}, kid `{report.head_kid}`)", tuple(notes), report)
+    reason = ("records after the signed head" if report.head_signed
+              else "the head's signature was not checked")
+    return Verdict(3, f"not verified: {count} records, {reason}", tuple(notes), report)
 
 
 @audit_app.command()
 @_friendly
 def verify(
     file: FileArg,
-    jwks: Annotated[
-        Path | None,
-        typer.Option("--jwks", help="JWKS with the Ed25519 key(s) that sign the log's head."),
-    ] = None,
-    head: Annotated[
-        Path | None, typer.Option("--head", help="Head file [default: FILE.head].")
-    ] = None,
+    jwks: JwksOpt = None,
+    head: HeadOpt = None,
+    unsigned: UnsignedOpt = False,
 ) -> None:
-    """Check the hash chain (and the signed head); exit 1 at the first bad record."""
-    keys = load_jwks_file(jwks) if jwks is not None else None
-    report = verify_log(_existing(file), public_keys=keys, head_path=head)
-    if not report.ok:
-        where = f"record {report.first_bad_index}" if report.first_bad_index is not None else "log"
-        detail = f" ({report.detail})" if report.detail else ""
-        typer.echo(f"{where}: {report.problem}{detail}")
-        raise typer.Exit(1)
-    notes: list[str] = []
-    if report.head_signed:
-        notes.append(f"signed head covers {report.head_count}")
-    elif report.head_count is not None:
-        notes.append("head not signature-checked: pass --jwks")
-    if report.unsigned_tail:
-        notes.append(f"{report.unsigned_tail} after the head")
-    suffix = f" ({'; '.join(notes)})" if notes else ""
-    typer.echo(f"intact: {report.count} records{suffix}")
+    """Check the hash chain and the signed head; say what was and was not verified.
+
+    Exit 0 intact (every record chained and covered by a head whose signature verified, or,
+    with --unsigned, a verified chain and no head); 1 a check failed (the first bad record is
+    named); 2 wrong input; 3 nothing wrong was found but intactness is not proved (no key, no
+    head, a key that is not in the JWKS, or records after the head).
+    """
+    verdict = verify_verdict(_existing(file), jwks=jwks, head=head, unsigned=unsigned)
+    typer.echo(verdict.headline)
+    for note in verdict.notes:
+        typer.echo(f"  {note}")
+    if verdict.code:
+        raise typer.Exit(verdict.code)
 
 
 # --- show ------------------------------------------------------------------------------------
@@ -338,9 +480,44 @@ def export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
+    jwks: JwksOpt = None,
+    head: HeadOpt = None,
+    unsigned: UnsignedOpt = False,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unverified",
+            help="Export a log that does not verify (or is not proved intact) anyway; every "
+            "line says whether its record is verified (unmapped.aiam_integrity).",
+        ),
+    ] = False,
 ) -> None:
-    """Export the log as JSON lines in another schema (OCSF 1.3.0)."""
-    lines = (canonical_json(to_ocsf(event)).decode("utf-8") + "\n" for event in _events(file))
+    """Verify the log, then export it as JSON lines in another schema (OCSF 1.3.0).
+
+    A log that does not verify is refused (exit 1, or 3 when it is only not proved intact)
+    unless --allow-unverified. Each line carries the record's hash (metadata.uid and
+    unmapped.aiam_chain) and what verification said (unmapped.aiam_integrity).
+    """
+    verdict = verify_verdict(_existing(file), jwks=jwks, head=head, unsigned=unsigned)
+    if verdict.code and not allow_unverified:
+        typer.echo(f"refusing to export `{file}`: {verdict.headline}", err=True)
+        for note in verdict.notes:
+            typer.echo(f"  {note}", err=True)
+        typer.echo("  (pass --allow-unverified to export it anyway, each line marked)", err=True)
+        raise typer.Exit(verdict.code)
+    status = "intact" if verdict.code == 0 else verdict.headline
+
+    def skipped(index: int, problem: str) -> None:
+        typer.echo(f"warning: record {index}: {problem}; skipped", err=True)
+
+    lines = (
+        canonical_json(
+            to_ocsf(event, link=link, integrity={
+                "verified": verdict.covers(link.index), "log_status": status,
+            })
+        ).decode("utf-8") + "\n"
+        for event, link in read_records(file, on_invalid=skipped)
+    )
     if output is None:
         for line in lines:
             sys.stdout.write(line)

@@ -260,5 +260,7 @@ def test_demo_json_runs_offline(tmp_path: Path) -> None:
     assert outcomes[("create_refund", 150)] == "allow"     # after the (auto-answered) approval
     assert outcomes[("create_refund", 90)] != "allow"      # injected target
     assert outcomes[("create_refund", 80)] == "deny"       # sub-agent over its narrower grant
+    # Issue 13 item 4: without the demo's (ephemeral) key the head's signature cannot be
+    # checked, so verify does not say "intact": it says what held and exits 3.
     code, out, _ = aiam("audit", "verify", str(audit))
-    assert code == 0
+    assert code == 3 and "verified: the hash chain" in out and "no key" in out

@@ -38,14 +38,17 @@ OCSF mapping (``metadata.version`` 1.3.0)
     Common members: ``actor.user`` (``uid``/``name`` = delegator), ``actor.app_name`` (agent id),
     ``actor.session`` (``uid`` = execution id, ``issuer``), ``actor.authorizations`` (decision and
     policy ids), ``metadata.product`` (``name`` and ``vendor_name`` "agentic-iam"),
-    ``metadata.uid`` (a digest of the event), ``metadata.correlation_uid`` (call id, else
+    ``metadata.uid`` (the record's chain ``hash`` when read from a log with
+    :func:`read_records`, else a digest of the event), ``metadata.correlation_uid`` (call id, else
     execution id), ``metadata.event_code`` (the event type). API Activity adds ``api.operation``
     (the action, else the tool or event type), ``api.service.name`` (the tool, or the model),
     ``api.request.uid`` (call id), ``api.response`` (result outcome and error), ``resources``
     (the tool) and ``src_endpoint.svc_name`` (the framework). Authorize Session adds ``user`` (the
     execution: ``uid`` execution id, ``name`` agent id), ``privileges`` (capabilities) and
     ``session`` (``uid`` = jti); Account Change adds ``user``. The whole event, as stored, is kept
-    under ``unmapped.aiam``, so nothing is lost.
+    under ``unmapped.aiam``, so nothing is lost; ``unmapped.aiam_chain`` holds the record's
+    ``sequence``, ``prev`` and ``hash`` and ``unmapped.aiam_integrity`` what verification said
+    about it.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Final
@@ -66,9 +69,11 @@ from agentic_iam.errors import AuditIntegrityError
 __all__ = [
     "OCSF_VERSION",
     "CallSummary",
+    "ChainLink",
     "ExecutionNode",
     "delegation_tree",
     "read_events",
+    "read_records",
     "to_ocsf",
 ]
 
@@ -76,6 +81,18 @@ OCSF_VERSION: Final = "1.3.0"
 
 
 # --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """Where a record sits in its log's hash chain (the members :func:`read_events` drops)."""
+
+    index: int
+    """The line's index in the file (0-based)."""
+    prev: str | None
+    """The ``prev`` member as stored (``None`` when absent or not a string)."""
+    hash: str | None
+    """The ``hash`` member as stored: the record hash a SIEM can match against the log."""
 
 
 def read_events(
@@ -89,9 +106,20 @@ def read_events(
     index, unless ``on_invalid(index, problem)`` is given, in which case it is called and the line
     skipped.
     """
+    for event, _link in read_records(path, on_invalid=on_invalid):
+        yield event
+
+
+def read_records(
+    path: str | os.PathLike[str],
+    *,
+    on_invalid: Callable[[int, str], None] | None = None,
+) -> Iterator[tuple[AuditEvent, ChainLink]]:
+    """Like :func:`read_events`, with each event's place in the chain (as stored, unchecked)."""
     for index, raw in iter_records(path):
         problem = ""
         event: AuditEvent | None = None
+        link = ChainLink(index, None, None)
         if not raw.endswith(b"\n"):
             problem = "torn last line"
         else:
@@ -102,10 +130,13 @@ def read_events(
                 event = AuditEvent.model_validate(
                     {k: v for k, v in record.items() if k not in ("prev", "hash")}
                 )
+                prev, own = record.get("prev"), record.get("hash")
+                link = ChainLink(index, prev if isinstance(prev, str) else None,
+                                 own if isinstance(own, str) else None)
             except (UnicodeDecodeError, ValueError, ValidationError):
                 problem = "not a valid audit event"
         if event is not None:
-            yield event
+            yield event, link
         elif on_invalid is not None:
             on_invalid(index, problem)
         else:
@@ -330,8 +361,19 @@ def _status(event: AuditEvent) -> tuple[int, int, str]:
     return 1, 1, detail
 
 
-def to_ocsf(event: AuditEvent) -> dict[str, Any]:
-    """The event as an OCSF 1.3.0 record (see the module docstring for the mapping)."""
+def to_ocsf(
+    event: AuditEvent,
+    *,
+    link: ChainLink | None = None,
+    integrity: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The event as an OCSF 1.3.0 record (see the module docstring for the mapping).
+
+    ``link`` (from :func:`read_records`): ``metadata.uid`` becomes the record's hash and
+    ``unmapped.aiam_chain`` holds ``sequence``, ``prev`` and ``hash``, so a SIEM line can be
+    matched to the signed log. ``integrity``: what verification said about this record, kept as
+    ``unmapped.aiam_integrity`` (``aiam audit export`` always sets it).
+    """
     kind = event.event_type
     if kind in ("delegation.minted", "delegation.subdelegated", "delegation.refused"):
         class_uid, class_name, category = 3003, "Authorize Session", _IAM
@@ -384,7 +426,9 @@ def to_ocsf(event: AuditEvent) -> dict[str, Any]:
         "metadata": {
             "version": OCSF_VERSION,
             "product": _product(),
-            "uid": hashlib.sha256(canonical_json(stored)).hexdigest()[:32],
+            "uid": link.hash
+            if link is not None and link.hash
+            else hashlib.sha256(canonical_json(stored)).hexdigest()[:32],
             "event_code": kind,
             "original_time": event.time,
             "log_name": "agentic-iam audit",
@@ -398,6 +442,12 @@ def to_ocsf(event: AuditEvent) -> dict[str, Any]:
     }
     if status_detail:
         record["status_detail"] = status_detail
+    if link is not None:
+        record["unmapped"]["aiam_chain"] = {
+            "sequence": event.sequence, "prev": link.prev, "hash": link.hash,
+        }
+    if integrity is not None:
+        record["unmapped"]["aiam_integrity"] = dict(integrity)
     if class_uid == 6003:
         api: dict[str, Any] = {"operation": event.action or event.tool or kind}
         service = event.tool or (event.reasoning.model if event.reasoning else None)
