@@ -5,6 +5,11 @@ Each story drives a real agent of its framework (LangChain ``create_agent``, a L
 calls of :data:`agentic_iam.demo.story.SCRIPT`, in order, one per turn. The adapter in between
 is the one users install; what each call came to is read back from the audit events.
 Nothing here needs a network or an API key.
+
+Alice's task spans two runs: the support agent's, then the refund bot's under a narrower grant
+sub-delegated from it. The support agent's run therefore keeps its execution when it finishes
+(``end_on_finish=False``); the refund bot's run ends its own, and the story then ends Alice's
+execution (and with it anything still delegated from it) with :meth:`Guard.end_execution`.
 """
 
 from __future__ import annotations
@@ -88,8 +93,8 @@ def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]
 
     tools = [StructuredTool.from_function(fn) for fn in env.backend.functions().values()]
 
-    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
-            ) -> list[StepResult]:
+    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...],
+            end_on_finish: bool = True) -> list[StepResult]:
         ids = [f"lc-{agent_name}-{i}" for i in range(len(calls))]
         script: list[BaseMessage] = [AIMessage(content=c.says, tool_calls=[
             {"name": c.tool, "args": c.arguments, "id": i, "type": "tool_call"}],
@@ -99,14 +104,15 @@ def run_langchain_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]
                              middleware=[GuardMiddleware(env.guard)], context_schema=IAMContext,
                              name=agent_name)
         state = agent.invoke({"messages": [HumanMessage(ALICE_REQUEST)]},
-                             context=IAMContext(token.token))
+                             context=IAMContext(token.token, end_on_finish=end_on_finish))
         saw = {m.tool_call_id: str(m.content) for m in state["messages"]
                if isinstance(m, ToolMessage)}
         return steps_from_audit(env, "langchain", agent_name, token, calls, ids, saw)
 
     token = delegate_for_alice(env)
-    results = run("support-agent", token, SCRIPT)
+    results = run("support-agent", token, SCRIPT, end_on_finish=False)
     results += run("refund-bot", _child(env, token), subagent_script())
+    env.guard.end_execution(token)  # Alice's task is done
     return results, token
 
 

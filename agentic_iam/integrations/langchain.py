@@ -19,6 +19,15 @@ What it gives you (``pip install "agentic-iam[langchain]"``):
   ``invoke``/``stream`` (and ``context_schema=IAMContext`` to ``create_agent``). Any context
   object with an ``aiam_token`` attribute or key works too. The token never enters the graph
   state, so the model never sees it. A run without a valid token cannot call tools.
+- Executions end with their run: when the agent run finishes (the ``after_agent`` hook), the
+  middleware calls :meth:`Guard.end_execution` for the run's token, so it and every token
+  sub-delegated from it stop working. A run paused for an approval has not finished (the
+  resume still works). For a conversation of several ``invoke`` calls with one token, opt out
+  with ``IAMContext(token, end_on_finish=False)`` (any context: an ``aiam_end_on_finish``
+  attribute or key set to ``False``) and call ``guard.end_execution(token)`` when the
+  conversation is over. A run that raises has not finished either: end its token yourself (or
+  let it expire). :func:`guarded_tool_node` graphs and :func:`guard_tools` have no end-of-run
+  hook: their caller ends the execution.
 - :func:`guarded_tool_node` — a LangGraph ``ToolNode`` using the same wrapper, for custom graphs.
 - :func:`guard_tools` — wrapped ``BaseTool``s for other executors (a refusal is the tool's error
   output, as with ``handle_tool_error=True``, never an exception that ends the run).
@@ -29,6 +38,8 @@ What it gives you (``pip install "agentic-iam[langchain]"``):
   subgraph wrappers that mint a narrower identity with ``broker.subdelegate_for`` and pass it
   EXPLICITLY as the child's ``context``. LangGraph's ``Runtime.merge`` otherwise hands a child
   the parent's context (``other.context or self.context``), i.e. the parent's whole grant.
+  The child's execution always ends when the child run returns, raises or pauses (a replay
+  mints a new one), whatever ``end_on_finish`` says.
 - :class:`ScopedRetriever` — a retriever wrapper that drops documents outside the agent's
   memory scopes (fail closed: a document without a scope is dropped) and records what it dropped.
 
@@ -45,6 +56,12 @@ call has no identity and is refused). In a custom graph whose ``ToolNode`` runs 
 one task, an interrupt re-runs the task's other calls too: dispatch one call per task (``Send``,
 as ``create_agent`` does) when approvals are possible. Provider built-in tools (dicts handed to
 the model, run server-side) never reach a ``ToolNode`` and cannot be guarded here.
+
+Settling. A call whose tool ran is charged, also when the tool raised or its output could not be
+screened (it may have had its side effect). Only a call whose tool never started, or that an
+``interrupt()`` inside the tool paused (LangGraph replays the task), is cancelled with
+:meth:`Guard.cancel`: its reservation and its call id are given back, so the replay may ask
+again with the same id.
 """
 
 from __future__ import annotations
@@ -54,7 +71,8 @@ import json
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -75,7 +93,7 @@ try:
     from langchain_core.runnables import RunnableConfig
     from langchain_core.runnables.config import ensure_config
     from langchain_core.tools import BaseTool, StructuredTool, ToolException
-    from langgraph.errors import GraphBubbleUp
+    from langgraph.errors import GraphBubbleUp, GraphInterrupt
     from langgraph.prebuilt import ToolNode
     from langgraph.prebuilt.tool_node import ToolRuntime
     from langgraph.runtime import Runtime
@@ -132,11 +150,19 @@ class IAMContext:
 
     token: Token = field(repr=False)
     """The execution token (compact JWS or :class:`ExecutionToken`). Kept out of ``repr``."""
+    end_on_finish: bool = True
+    """End the execution (:meth:`Guard.end_execution`) when the agent run finishes. ``False``
+    keeps the token working for a conversation of several runs; end it yourself when done."""
 
     @property
     def aiam_token(self) -> Token:
         """The token under the name every adapter looks for."""
         return self.token
+
+    @property
+    def aiam_end_on_finish(self) -> bool:
+        """``end_on_finish`` under the name every adapter looks for."""
+        return self.end_on_finish
 
 
 def token_from_context(context: object) -> Token | None:
@@ -156,6 +182,61 @@ def token_from_context(context: object) -> Token | None:
     if isinstance(value, str) and value:
         return value
     return None
+
+
+def _end_on_finish(context: object) -> bool:
+    """Whether the run's execution ends with the run: ``False`` only when the context says so
+    (``aiam_end_on_finish`` attribute or key set to ``False``); ending is the default."""
+    value = getattr(context, "aiam_end_on_finish", None)
+    if value is None and isinstance(context, Mapping):
+        value = context.get("aiam_end_on_finish")
+    return value is not False
+
+
+# Tokens this process has ended, so that a child ended by its own middleware is not ended (and
+# recorded) a second time by the sub-agent wrapper around it. Digests only, bounded.
+_ENDED: OrderedDict[str, None] = OrderedDict()
+_ENDED_LOCK = threading.Lock()
+_ENDED_KEPT = 4096
+
+
+class _Ender(Protocol):
+    def __call__(self, token: Token, *, reason: str) -> None: ...
+
+
+def _end_execution(end: _Ender, token: Token, reason: str) -> None:
+    """End an execution once (``Guard.end_execution`` or ``DelegationBroker.end``).
+
+    A failure is logged, not raised: the run's work is done, and raising would not make the
+    token any less valid (it still expires at its ``exp``).
+    """
+    raw = token.token if isinstance(token, ExecutionToken) else token
+    mark = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+    with _ENDED_LOCK:
+        if mark in _ENDED:
+            return
+    try:
+        end(token, reason=reason)
+    except Exception as exc:  # see the docstring; the failure is on the record in the log
+        log.warning("could not end the execution (%s): %s", reason, type(exc).__name__)
+        return
+    with _ENDED_LOCK:
+        _ENDED[mark] = None
+        while len(_ENDED) > _ENDED_KEPT:
+            _ENDED.popitem(last=False)
+
+
+def _settle_raised(guard: Guard, decision: Decision, exc: BaseException) -> None:
+    """Settle an allowed call whose tool raised ``exc``.
+
+    An ``interrupt()`` inside the tool pauses it, and LangGraph replays the task from its start
+    on resume: the call is cancelled (reservation and call id given back) so the replay can ask
+    again. Anything else may have happened after the tool's side effect: charged.
+    """
+    if isinstance(exc, GraphInterrupt):
+        guard.cancel(decision)
+    else:
+        guard.complete(decision, "error")
 
 
 # --- reasoning context -----------------------------------------------------------------------
@@ -501,12 +582,12 @@ class GuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             return _refusal(request, text)
         if request.tool is None:
             # Registered for the agent but not given to this agent's tools: nothing to run.
-            self.guard.complete(decision, "error")
+            self.guard.cancel(decision)
             return _refusal(request, f"Error: `{name}` is not a valid tool here.")
         try:
             checked = request.override(tool_call={**tool_call, "args": dict(decision.arguments)})
         except Exception:
-            self.guard.complete(decision, "error")  # release the reservation; refused above
+            self.guard.cancel(decision)  # the tool never started; refused above
             raise
         return _Plan(decision, checked)
 
@@ -538,8 +619,8 @@ class GuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             return plan
         try:
             result = handler(plan.request)
-        except BaseException:
-            self.guard.complete(plan.decision, "error")
+        except BaseException as exc:
+            _settle_raised(self.guard, plan.decision, exc)
             raise
         return self._finish(plan, result)
 
@@ -553,10 +634,29 @@ class GuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             return plan
         try:
             result = await handler(plan.request)
-        except BaseException:
-            self.guard.complete(plan.decision, "error")
+        except BaseException as exc:
+            _settle_raised(self.guard, plan.decision, exc)
             raise
         return self._finish(plan, result)
+
+    # -- the end of the run (runs once, when the agent finishes; not when it pauses)
+
+    def _end_run(self, runtime: Runtime[Any]) -> None:
+        context = getattr(runtime, "context", None)
+        token = token_from_context(context)
+        if token is not None and _end_on_finish(context):
+            _end_execution(self.guard.end_execution, token, "completed")
+
+    def after_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """The run finished: its execution ends (unless the context opted out)."""
+        self._end_run(runtime)
+        return None
+
+    async def aafter_agent(self, state: AgentState[Any],
+                           runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """The run finished: its execution ends (unless the context opted out)."""
+        self._end_run(runtime)
+        return None
 
 
 def guarded_tool_node(
@@ -870,8 +970,8 @@ class GuardedTool(BaseTool):
         try:
             output = self._inner.run(checked, verbose, start_color, color, callbacks,
                                      tool_call_id=tool_call_id, **kwargs)
-        except BaseException:
-            self._guard.complete(decision, "error")
+        except BaseException as exc:
+            _settle_raised(self._guard, decision, exc)
             raise
         return self._screened(decision, output, tool_call_id)
 
@@ -886,8 +986,8 @@ class GuardedTool(BaseTool):
         try:
             output = await self._inner.arun(checked, verbose, start_color, color, callbacks,
                                             tool_call_id=tool_call_id, **kwargs)
-        except BaseException:
-            self._guard.complete(decision, "error")
+        except BaseException as exc:
+            _settle_raised(self._guard, decision, exc)
             raise
         return self._screened(decision, output, tool_call_id)
 
@@ -977,6 +1077,26 @@ def _child_config(context: object) -> RunnableConfig:
     return {"callbacks": manager}
 
 
+@contextmanager
+def _child_run(broker: DelegationBroker, context: object) -> Iterator[None]:
+    """The child run of a sub-agent: its execution (minted for it here) ends when the run
+    returns, raises or pauses — always, whatever ``end_on_finish`` says. A paused child is
+    replayed with a freshly minted identity, so nothing needs the old one."""
+    reason = "completed"
+    try:
+        yield
+    except GraphInterrupt:
+        reason = "interrupted"
+        raise
+    except BaseException:
+        reason = "failed"
+        raise
+    finally:
+        token = token_from_context(context)
+        if token is not None:
+            _end_execution(broker.end, token, reason)
+
+
 def _default_input(task: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": task}]}
 
@@ -1023,11 +1143,14 @@ def subagent_tool(
 
     def run_subagent(task: str, runtime: ToolRuntime[Any, Any]) -> str:
         context, config = _prepare(runtime)
-        return read_output(agent.invoke(build_input(task), config, context=context))
+        with _child_run(broker, context):
+            return read_output(agent.invoke(build_input(task), config, context=context))
 
     async def arun_subagent(task: str, runtime: ToolRuntime[Any, Any]) -> str:
         context, config = _prepare(runtime)
-        return read_output(await agent.ainvoke(build_input(task), config, context=context))
+        with _child_run(broker, context):
+            return read_output(await agent.ainvoke(build_input(task), config,
+                                                   context=context))
 
     return StructuredTool.from_function(
         func=run_subagent, coroutine=arun_subagent, name=name, description=description,
@@ -1056,7 +1179,8 @@ def subagent_node(
         context = delegated_context(runtime.context, broker, agent_id,
                                     capabilities=capabilities, ttl=ttl, budget=budget,
                                     purpose=purpose, context_factory=context_factory)
-        return graph.invoke(state, _child_config(context), context=context)
+        with _child_run(broker, context):
+            return graph.invoke(state, _child_config(context), context=context)
 
     return node
 

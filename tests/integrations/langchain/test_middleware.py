@@ -447,6 +447,8 @@ def test_tools_the_agent_was_not_given_never_run(env: Env) -> None:
     assert decided(env, "h1").decision.reasons[0].code == "registry.tool_unregistered"
     assert "not a valid tool" in messages["h2"].text
     completed = [e for e in env.sink.events if e.event_type == "tool_call.completed"]
+    # Issue 13 item 7: nothing ran, so the call is cancelled (not charged), never an "error".
     assert [(e.call_id, e.result.outcome if e.result else None) for e in completed] == [
-        ("h2", "error")]
+        ("h2", "cancelled")]
+    assert completed[0].result is not None and completed[0].result.budget_settled == {}
     assert backend.calls == []
