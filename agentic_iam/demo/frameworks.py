@@ -141,8 +141,8 @@ def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToke
 
     tools = [FunctionTool.from_defaults(fn) for fn in env.backend.functions().values()]
 
-    async def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
-                  ) -> list[StepResult]:
+    async def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...],
+                  end_on_finish: bool = True) -> list[StepResult]:
         ids = [f"li-{agent_name}-{i}" for i in range(len(calls))]
         script = [ChatMessage(role="assistant", blocks=[
             TextBlock(text=c.says),
@@ -151,7 +151,8 @@ def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToke
         agent = GuardedFunctionAgent(name=agent_name, description=f"{agent_name} (demo)",
                                      tools=tools, llm=scripted_llm(script),
                                      guard=env.guard)
-        handler = await run_with_identity(agent, ALICE_REQUEST, token)
+        handler = await run_with_identity(agent, ALICE_REQUEST, token,
+                                          end_on_finish=end_on_finish)
         saw: dict[str, str] = {}
         async for event in handler.stream_events():
             if isinstance(event, ToolCallResult):
@@ -161,8 +162,9 @@ def run_llama_index_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToke
 
     async def story() -> tuple[list[StepResult], ExecutionToken]:
         token = delegate_for_alice(env)
-        results = await run("support-agent", token, SCRIPT)
+        results = await run("support-agent", token, SCRIPT, end_on_finish=False)
         results += await run("refund-bot", _child(env, token), subagent_script())
+        env.guard.end_execution(token)  # Alice's task is done
         return results, token
 
     return asyncio.run(story())

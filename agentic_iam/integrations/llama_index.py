@@ -20,6 +20,15 @@ What it gives you (``pip install "agentic-iam[llama-index]"``, llama-index-core 
   lives under a private key of the workflow's context store, never in ``initial_state`` /
   ``state`` (which ``setup_agent`` renders into the prompt). A run without a valid token cannot
   call tools: every call is denied (and on the record).
+- Executions end with their run: when the workflow finishes (a ``StopEvent`` from
+  ``parse_agent_output`` or, for a ``return_direct`` tool, ``aggregate_tool_results``), the
+  run's execution ends (:meth:`Guard.end_execution`: it and every token sub-delegated from it
+  stop working). A pause for an approval is not the end. For a conversation of several runs in
+  one ``Context``, pass ``end_on_finish=False`` to :func:`bind_identity` /
+  :func:`run_with_identity` and end the token yourself. Identities minted for handoffs and for
+  :func:`agent_tool` sub-runs always end with the run (after a run with handoffs, the next run
+  of an opted-out ``Context`` starts with the root agent again). A run that raises or times out
+  has not finished: end its token yourself or let it expire.
 - Handoffs: in a :class:`GuardedAgentWorkflow` the ``handoff`` tool mints the receiving agent a
   narrower identity with :meth:`DelegationBroker.subdelegate_for` (the current agent's grant
   intersected with the receiving agent's registry tools, or ``handoff_capabilities[name]``);
@@ -57,8 +66,10 @@ agents placed in a *stock* ``AgentWorkflow`` would be bypassed (that workflow ru
 combine :func:`guard_tools` with a guarded workflow (each call would be decided twice). A paused
 approval survives in-process; the workflow replays the step on resume, so the approval's
 bookkeeping lives in the context store; a paused call is decided twice (``approval_required``,
-then ``allow``). A tool that itself waits for an event is decided again on replay (the first
-allow is settled as an error). Providers that return no call ids are matched by tool name and
+then ``allow``). A tool that itself waits for an event is decided again on replay: the first
+allow is cancelled (:meth:`Guard.cancel`: reservation and call id given back, as the tool never
+finished); a tool that ran and failed, or whose output could not be screened, is charged.
+Providers that return no call ids are matched by tool name and
 arguments. Non-text output blocks (images, audio) cannot be screened and are withheld.
 ``ToolOutput.raw_output`` is replaced by the screened text.
 """
@@ -72,7 +83,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from agentic_iam.errors import MissingExtraError
@@ -198,6 +209,20 @@ def _control_flow(exc: BaseException) -> bool:
     return bool(_CONTROL_FLOW) and isinstance(exc, _CONTROL_FLOW)
 
 
+def _settle_raised(guard: Guard, decision: Decision, exc: BaseException) -> None:
+    """Settle an allowed call whose tool raised ``exc`` instead of returning.
+
+    A tool waiting for an event (``ctx.wait_for_event``) pauses its step, which the workflow
+    replays from the top when the event arrives: the call is cancelled (reservation and call id
+    given back) so the replay can ask again. Anything else (a cancellation, an interrupt) may
+    have come after the tool's side effect: charged.
+    """
+    if _control_flow(exc):
+        guard.cancel(decision)
+    else:
+        guard.complete(decision, "error")
+
+
 def _raw(token: Token) -> str:
     return token.token if isinstance(token, ExecutionToken) else token
 
@@ -223,6 +248,12 @@ class _Record:
     """The run that started this sub-run."""
     observed: tuple[str, ...] = ()
     """Digests of (token, user request) pairs already recorded for argument provenance."""
+    end_on_finish: bool = True
+    """End the root execution when the run finishes (a nested run's always ends)."""
+    minted: tuple[str, ...] = field(default=(), repr=False)
+    """Every token minted for a handoff during the run (they end with the run, always)."""
+    ended: bool = False
+    """The root execution was ended."""
 
     @classmethod
     def load(cls, value: object) -> _Record:
@@ -232,6 +263,7 @@ class _Record:
         agents = value.get("agents")
         observed = value.get("observed")
         parent = value.get("parent_run_id")
+        minted = value.get("minted")
         return cls(
             root=root if isinstance(root, str) and root else None,
             agents={k: v for k, v in agents.items() if isinstance(k, str) and isinstance(v, str)}
@@ -240,11 +272,18 @@ class _Record:
             parent_run_id=parent if isinstance(parent, str) else None,
             observed=tuple(o for o in observed if isinstance(o, str))
             if isinstance(observed, list) else (),
+            # Only an explicit False opts out: ending is the default.
+            end_on_finish=value.get("end_on_finish") is not False,
+            minted=tuple(m for m in minted if isinstance(m, str))
+            if isinstance(minted, list) else (),
+            ended=value.get("ended") is True,
         )
 
     def dump(self) -> dict[str, Any]:
         return {"root": self.root, "agents": dict(self.agents), "nested": self.nested,
-                "parent_run_id": self.parent_run_id, "observed": list(self.observed)}
+                "parent_run_id": self.parent_run_id, "observed": list(self.observed),
+                "end_on_finish": self.end_on_finish, "minted": list(self.minted),
+                "ended": self.ended}
 
     def token_for(self, agent_name: str, root_name: str) -> str | None:
         token = self.agents.get(agent_name)
@@ -265,13 +304,16 @@ async def _update_record(ctx: Context, change: Callable[[_Record], _Record]) -> 
 
 
 async def bind_identity(ctx: Context, token: Token, *, nested: bool = False,
-                        parent_run_id: str | None = None) -> None:
+                        parent_run_id: str | None = None, end_on_finish: bool = True) -> None:
     """Bind the execution token to a run, before ``workflow.run(..., ctx=ctx)``.
 
     The token is the root agent's identity; agents reached by handoff get narrower ones. It is
     kept under a private context-store key (never in ``state``, which the prompt renders).
     ``nested`` marks a sub-run whose input the model wrote (agent-as-tool): its input is not
-    recorded as the user's request, and its approvals are refused rather than awaited.
+    recorded as the user's request, its approvals are refused rather than awaited, and its
+    execution always ends with it. ``end_on_finish=False`` keeps the root execution working
+    after the run finishes, for a conversation of several runs in one ``Context`` (end it
+    yourself with ``guard.end_execution(token)``); identities minted for handoffs end anyway.
     """
     if isinstance(token, ExecutionToken):
         raw = token.token
@@ -280,22 +322,26 @@ async def bind_identity(ctx: Context, token: Token, *, nested: bool = False,
     else:
         # An already-verified ExecutionIdentity is not accepted: anything in-process can make one.
         raise TypeError("bind_identity needs a compact token string or an ExecutionToken")
-    record = _Record(root=raw, nested=nested, parent_run_id=parent_run_id)
+    record = _Record(root=raw, nested=nested, parent_run_id=parent_run_id,
+                     end_on_finish=end_on_finish is not False)
     await ctx.store.set(_STORE_KEY, record.dump())
 
 
 async def run_with_identity(workflow: GuardedWorkflow, user_msg: str | ChatMessage, token: Token,
-                            *, ctx: Context | None = None, **run_kwargs: Any) -> WorkflowHandler:
+                            *, ctx: Context | None = None, end_on_finish: bool = True,
+                            **run_kwargs: Any) -> WorkflowHandler:
     """Start ``workflow`` for ``user_msg`` with ``token`` bound; returns the handler.
 
     ``handler = await run_with_identity(wf, "refund T-1042", token)``, then stream its events
     and ``await handler``. Only guarded workflows are accepted (a stock one would not enforce).
+    The execution ends when the run finishes, unless ``end_on_finish=False`` (see
+    :func:`bind_identity`).
     """
     if not isinstance(workflow, _GuardedSteps):
         raise TypeError(f"`{type(workflow).__name__}` is not a guarded workflow; use "
                         f"GuardedFunctionAgent, GuardedReActAgent or GuardedAgentWorkflow")
     ctx = ctx if ctx is not None else Context(workflow)
-    await bind_identity(ctx, token)
+    await bind_identity(ctx, token, end_on_finish=end_on_finish)
     return workflow.run(user_msg=user_msg, ctx=ctx, **run_kwargs)
 
 
@@ -637,13 +683,35 @@ class _GuardedSteps:
     async def parse_agent_output(
         self, ctx: Context, ev: AgentOutput
     ) -> StopEvent | AgentInput | ToolCallEvent | None:
-        """The stock step (early-stopping and structured-output LLM calls are charged too)."""
+        """The stock step (early-stopping and structured-output LLM calls are charged too);
+        when it ends the run, the run's executions end."""
         token = _STEP_SCOPE.set(await self._aiam_scope(ctx, ev.current_agent_name))
         try:
-            return cast(StopEvent | AgentInput | ToolCallEvent | None,
-                        await super().parse_agent_output(ctx, ev))  # type: ignore[misc]
+            result = cast(StopEvent | AgentInput | ToolCallEvent | None,
+                          await super().parse_agent_output(ctx, ev))  # type: ignore[misc]
         finally:
             _STEP_SCOPE.reset(token)
+        if isinstance(result, StopEvent):
+            await self._aiam_finish(ctx)
+        return result
+
+    @step
+    async def aggregate_tool_results(self, ctx: Context,
+                                     ev: ToolCallResult) -> AgentInput | StopEvent | None:
+        """The stock step; when a ``return_direct`` tool ends the run, its executions end."""
+        result = cast(AgentInput | StopEvent | None,
+                      await super().aggregate_tool_results(ctx, ev))  # type: ignore[misc]
+        if isinstance(result, StopEvent):
+            await self._aiam_finish(ctx)
+        return result
+
+    async def _aiam_finish(self, ctx: Context) -> None:
+        """The run finished (a ``StopEvent``; a pause for an approval is not one)."""
+        ended_root = await _finish_run(self._aiam_settings().guard, ctx, "completed")
+        if not ended_root and self._aiam_has_handoffs():
+            # The root identity outlives the run (end_on_finish=False) but the handoff ones
+            # ended: the next run of this Context starts with the root agent again.
+            await ctx.store.set("current_agent_name", self._aiam_root())
 
     async def _aiam_scope(self, ctx: Context, agent_name: str) -> _StepScope:
         settings = self._aiam_settings()
@@ -651,6 +719,32 @@ class _GuardedSteps:
         return _StepScope(settings.guard, record.token_for(agent_name, self._aiam_root()),
                           agent_name,
                           _model_name(self._aiam_agent(agent_name), settings.model_name))
+
+
+def _end(guard: Guard, token: str, reason: str) -> bool:
+    """End one execution; False (logged) when it could not be ended: the run's work is done,
+    and raising would not make the token any less valid (it still expires at its ``exp``)."""
+    try:
+        guard.end_execution(token, reason=reason)
+    except Exception as exc:  # see the docstring
+        log.warning("could not end an execution (%s): %s", reason, type(exc).__name__)
+        return False
+    return True
+
+
+async def _finish_run(guard: Guard, ctx: Context, reason: str) -> bool:
+    """End the executions of a finished run: every identity minted for a handoff, always; the
+    root one unless the run opted out (a nested run never does). True if the root ended."""
+    record = await _load_record(ctx)
+    left = tuple(t for t in record.minted
+                 if t != record.root and not _end(guard, t, reason))
+    end_root = (record.root is not None and not record.ended
+                and (record.nested or record.end_on_finish))
+    ended = end_root and record.root is not None and _end(guard, record.root, reason)
+    await _update_record(ctx, lambda r: replace(
+        r, agents={k: v for k, v in r.agents.items() if v in left}, minted=left,
+        ended=r.ended or ended))
+    return record.ended or ended
 
 
 class _Mediation:
@@ -747,8 +841,8 @@ class _Mediation:
         except Exception as exc:  # provenance only: unknown values stay "unknown"
             log.warning("could not record the user's request: %s", type(exc).__name__)
             return
-        await _update_record(self.ctx, lambda r: _Record(
-            r.root, r.agents, r.nested, r.parent_run_id, (*r.observed, mark)[-64:]))
+        await _update_record(self.ctx, lambda r: replace(
+            r, observed=(*r.observed, mark)[-64:]))
 
     # -- approvals
 
@@ -825,11 +919,11 @@ class _Mediation:
             tools = await self.host._aiam_tools(self.ctx, agent_name, ev.tool_name)
             tool = next((t for t in tools if t.metadata.name == ev.tool_name), None)
         except Exception:
-            self.guard.complete(decision, "error")
+            self.guard.cancel(decision)  # the tool never started
             raise
         if tool is None:
             # Registered for the agent but not given to it: nothing to run (stock wording).
-            self.guard.complete(decision, "error")
+            self.guard.cancel(decision)
             return self.refuse(f"Tool {ev.tool_name} not found. Please select a tool that is "
                                f"available.")
         arguments = dict(decision.arguments)
@@ -837,10 +931,8 @@ class _Mediation:
         caller = _CALLER.set(_Caller(self.guard, token, agent_name, _run_id()))
         try:
             output = await self.host._aiam_run_tool(self.ctx, tool, dict(arguments))
-        except BaseException:
-            # Including a wait-for-event pause inside the tool: the step replays and decides
-            # the call again, so this decision's reservation is released now.
-            self.guard.complete(decision, "error")
+        except BaseException as exc:
+            _settle_raised(self.guard, decision, exc)
             raise
         finally:
             _CALLER.reset(caller)
@@ -864,8 +956,9 @@ class _Mediation:
                 return self.refuse(
                     f"The handoff to `{target}` was refused by the access layer: {why}. "
                     f"Continue as `{current}` or tell the user what you could not do.")
-            await _update_record(self.ctx, lambda r: _Record(
-                r.root, {**r.agents, target: child}, r.nested, r.parent_run_id, r.observed))
+            await _update_record(self.ctx, lambda r: replace(
+                r, agents={**r.agents, target: child},
+                minted=r.minted if child in (r.root, *r.minted) else (*r.minted, child)))
             if child != token:
                 await self.observe_request(await _load_record(self.ctx), child)
         # The stock handoff tool validates the target (and explains a bad one to the model) and
@@ -1089,7 +1182,14 @@ def agent_tool(
                                        budget=budget)
         sub_ctx = Context(workflow)
         await bind_identity(sub_ctx, child, nested=True, parent_run_id=caller.run_id)
-        result = await workflow.run(user_msg=task, ctx=sub_ctx)
+        reason = "failed"
+        try:
+            result = await workflow.run(user_msg=task, ctx=sub_ctx)
+            reason = "completed"
+        finally:
+            # The identity minted here ends with the sub-run, however it ended (a no-op when
+            # the sub-run's own end already did it).
+            await _finish_run(workflow._aiam_settings().guard, sub_ctx, reason)
         response = getattr(result, "response", None)
         content = getattr(response, "content", None)
         return str(content) if content is not None else str(result)
@@ -1190,8 +1290,8 @@ class GuardedTool(FunctionTool):
             output = _as_output(_call_sync(self._inner, self._inputs(decided, ctx)), decided)
         except Exception as exc:
             output = _error_output(decided, exc)
-        except BaseException:
-            self._guard.complete(decided, "error")
+        except BaseException as exc:
+            _settle_raised(self._guard, decided, exc)
             raise
         return _screened(self._guard, decided, output, decided.arguments)
 
@@ -1213,11 +1313,11 @@ class GuardedTool(FunctionTool):
             output = _as_output(raw, decided)
         except Exception as exc:
             if _control_flow(exc):
-                self._guard.complete(decided, "error")
+                _settle_raised(self._guard, decided, exc)
                 raise
             output = _error_output(decided, exc)
-        except BaseException:
-            self._guard.complete(decided, "error")
+        except BaseException as exc:
+            _settle_raised(self._guard, decided, exc)
             raise
         return _screened(self._guard, decided, output, decided.arguments)
 

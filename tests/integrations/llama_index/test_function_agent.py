@@ -114,11 +114,16 @@ async def test_bind_identity_then_run(env: Env, backend: Backend,
                                       tools: dict[str, FunctionTool]) -> None:
     wf = agent(env, tools, scripted(*alice_script()))
     ctx = Context(wf)
-    await bind_identity(ctx, env.refund_token())
+    token = env.refund_token()
+    await bind_identity(ctx, token)
+    assert await wf.current_identity(ctx) == token.identity
     await drive(wf.run(user_msg=REQUEST, ctx=ctx))
     assert len(backend.executed("create_refund")) == 1
-    identity = await wf.current_identity(ctx)
-    assert identity is not None and identity.agent_id == "support-agent"
+    # the run finished, so its execution ended (issue 13 item 12): the identity is gone
+    assert await wf.current_identity(ctx) is None
+    ended = [e for e in env.sink.events if e.event_type == "execution.ended"]
+    assert [(e.execution_id, e.agent_id) for e in ended] == [
+        (token.identity.execution_id, "support-agent")]
     # the token is not in the prompt-visible state
     assert "eyJ" not in repr(await ctx.store.get("state", default={}))
 
@@ -314,8 +319,9 @@ class Confirmed(HumanResponseEvent):
 
 
 async def test_tool_that_waits_for_a_human(env: Env) -> None:
-    """A tool that itself waits for an event pauses the step; its first allow is settled as
-    an error (reservation released) and the replay is decided afresh."""
+    """A tool that itself waits for an event pauses the step; its first allow is cancelled
+    (reservation and call id given back: the tool never finished) and the replay is decided
+    afresh with the same call id."""
     ran: list[str] = []
 
     async def search_kb(ctx: Context, query: str) -> str:
@@ -338,6 +344,6 @@ async def test_tool_that_waits_for_a_human(env: Env) -> None:
     await handler
     assert ran == ["yes"]
     assert env.guard.stats["allow"] == 2
-    outcomes = [e.result.outcome for e in env.sink.events
+    outcomes = [(e.call_id, e.result.outcome) for e in env.sink.events
                 if e.event_type == "tool_call.completed" and e.result is not None]
-    assert outcomes == ["error", "success"]
+    assert outcomes == [("h1", "cancelled"), ("h1", "success")]

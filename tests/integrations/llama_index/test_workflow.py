@@ -90,7 +90,14 @@ async def test_alice_refund_with_handoff(env: Env, backend: Backend,
     root = root_token(env)
     ctx = Context(wf)
     await bind_identity(ctx, root)
-    result, events = await drive(wf.run(user_msg=REQUEST, ctx=ctx))
+    handler = wf.run(user_msg=REQUEST, ctx=ctx)
+    events: list[Any] = []
+    child = None
+    async for ev in handler.stream_events():
+        events.append(ev)
+        if isinstance(ev, ToolCallResult) and ev.tool_id == "r_ok":
+            child = await wf.current_identity(ctx, "refunds")  # while the run goes on
+    result = await handler
 
     assert result.current_agent_name == "refunds"
     assert backend.executed("search_kb") == [{"query": "double charge"}]
@@ -111,7 +118,6 @@ async def test_alice_refund_with_handoff(env: Env, backend: Backend,
     # the handoff narrowed the identity: child capabilities within the parent's, child agent
     # refund-bot, both hops in the act chain
     parent = root.identity
-    child = await wf.current_identity(ctx, "refunds")
     assert child is not None and child.agent_id == "refund-bot"
     assert child.capabilities.widening(parent.capabilities) is None
     assert {c.action for c in child.capabilities} == {"refund:create", "ticket:read"}
@@ -120,6 +126,11 @@ async def test_alice_refund_with_handoff(env: Env, backend: Backend,
     minted = [e for e in env.sink.events if e.event_type == "delegation.subdelegated"]
     assert len(minted) == 1 and minted[0].agent_id == "refund-bot"
     assert minted[0].parent_execution_id == parent.execution_id
+    # the run finished: the handoff's identity and the root's ended (issue 13 item 12)
+    assert await wf.current_identity(ctx, "refunds") is None
+    assert await wf.current_identity(ctx, "triage") is None
+    ended = [e.execution_id for e in env.sink.events if e.event_type == "execution.ended"]
+    assert sorted(ended) == sorted([parent.execution_id, child.execution_id])
 
     # every call on the record, each under the identity of the agent that made it, with the
     # assistant message that asked for it
