@@ -12,7 +12,7 @@ from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
 from llama_index.core.tools.types import BaseTool
 
 from agentic_iam.integrations.llama_index import GuardedTool, guard_tools
-from tests.conftest import Env
+from tests.conftest import ALICE, Env
 from tests.integrations.llama_index.conftest import (
     FRAMEWORK_WARNINGS,
     REQUEST,
@@ -52,8 +52,14 @@ def test_sync_call(env: Env, backend: Backend, tools: dict[str, FunctionTool]) -
 
 
 async def test_async_acall(env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    # The delegator's request names the account: after the ticket (untrusted, with a secret)
+    # the refund target is traced to the request, so only the approval policies apply. (With
+    # a purpose that does not name it, `acct-alice` is an unverified target in a session that
+    # saw a secret, and baseline.no-secret-egress denies the refund outright.)
+    token = env.broker.delegate(ALICE, "support-agent", "refund T-1042 to acct-alice",
+                                ["refund:create amount<=200", "ticket:read"], 900)
     refund, ticket = guard_tools([tools["create_refund"], tools["read_ticket"]], env.guard,
-                                 env.refund_token(max_amount=200).token)
+                                 token.token)
     ok = await refund.acall(**REFUND)
     assert not ok.is_error
     read = await ticket.acall(ticket_id="T-1042")
