@@ -221,8 +221,8 @@ def run_openai_agents_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionTo
 
     tools = [function_tool(fn) for fn in env.backend.functions().values()]
 
-    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...]
-            ) -> list[StepResult]:
+    def run(agent_name: str, token: ExecutionToken, calls: tuple[ScriptedCall, ...],
+            end_on_finish: bool = True) -> list[StepResult]:
         ids = [f"oa-{agent_name}-{i}" for i in range(len(calls))]
         turns: list[list[Any]] = [
             [say(c.says), ResponseFunctionToolCall(id=f"fc_{i}", call_id=i,
@@ -233,7 +233,8 @@ def run_openai_agents_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionTo
         model = ScriptedModel(turns)
         agent: Agent[Any] = protect(Agent(name=agent_name, model=model, tools=list(tools)),
                                     env.guard, broker=env.broker)
-        asyncio.run(Runner.run(agent, ALICE_REQUEST, context=IAMRunContext(token.token),
+        context = IAMRunContext(token.token, end_on_finish=end_on_finish)
+        asyncio.run(Runner.run(agent, ALICE_REQUEST, context=context,
                                hooks=IAMRunHooks(env.guard), max_turns=len(turns) + 2))
         saw: dict[str, str] = {}
         for items in model.inputs:
@@ -243,6 +244,7 @@ def run_openai_agents_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionTo
         return steps_from_audit(env, "openai_agents", agent_name, token, calls, ids, saw)
 
     token = delegate_for_alice(env)
-    results = run("support-agent", token, SCRIPT)
+    results = run("support-agent", token, SCRIPT, end_on_finish=False)
     results += run("refund-bot", _child(env, token), subagent_script())
+    env.guard.end_execution(token)  # Alice's task is done
     return results, token

@@ -33,6 +33,16 @@ What it gives you (``pip install "agentic-iam[openai-agents]"``, openai-agents >
 - :class:`IAMRunContext` — the per-run identity: ``Runner.run(agent, input,
   context=IAMRunContext(token))``. Any context object with an ``aiam_token`` attribute works too.
   A run without a valid token cannot call tools (the Guard denies every call).
+- Executions end with their run: when the run produces its final output (the SDK calls the
+  agent hooks :func:`protect` installs, ``on_end``; an approval interruption is not the end),
+  the run's execution ends (:meth:`Guard.end_execution`: it and every token sub-delegated from
+  it stop working). For a conversation of several runs with one context, pass
+  ``IAMRunContext(token, end_on_finish=False)`` (any context: an ``aiam_end_on_finish``
+  attribute set to ``False``) and end the token yourself. Identities minted for handoffs and
+  ``as_tool`` sub-runs always end with their run (an ``as_tool`` sub-run that fails ends its
+  identity too; one paused for a human keeps it until it resumes); after a run with handoffs, an
+  opted-out context holds the root token again. A run that raises has not finished: end its
+  token yourself or let it expire.
 - :class:`IAMRunHooks` — ``RunHooks`` capturing the reasoning context in ``on_llm_end`` (message
   text, reasoning summaries, response id, keyed by call id), charging LLM usage to the token's
   budget and recording the user's request for argument provenance. :func:`protect` also installs
@@ -85,7 +95,9 @@ Known limits (each is a property of the SDK, verified against openai-agents 0.24
   carrying them unless ``allow_unguarded_tools=True``.
 - A tool whose exception is turned into a message by ``failure_error_function`` (the SDK
   default) looks like a successful call to the adapter: its message is screened and the call is
-  settled as ``success``.
+  settled as ``success``. A tool that raises through the wrapper is charged (``error``); an
+  allowed call whose tool never started (refused by the wrapper, or left behind when the turn
+  ends before our input guardrail ran) is cancelled (:meth:`Guard.cancel`).
 - ``as_tool`` outputs are the sub-agent's final text (model output built from screened tool
   results) and are not screened again; the sub-agent's own tool calls are.
 - State lives in the context object: resuming a run works in-process (``result.to_state()``),
@@ -231,6 +243,14 @@ class _RunState:
     current_agent: Agent[Any] | None = None
     refused: dict[str, str] = field(default_factory=dict)
     """tool name → why a handoff/agent tool is hidden (for :func:`iam_run_config`)."""
+    root: TokenLike | None = field(default=None, repr=False)
+    """The token the run started with (the user's, or the one minted for an ``as_tool``)."""
+    minted: list[TokenLike] = field(default_factory=list, repr=False)
+    """Tokens minted for handoffs during the run: they end with the run, always."""
+    awaiting: set[str] = field(default_factory=set)
+    """Calls the run paused on for a human (until the model is asked again)."""
+    ended: bool = False
+    """The run finished and its root execution was ended."""
 
 
 def _new_state(shared: _Shared | None = None, parent: _RunState | None = None) -> _RunState:
@@ -245,7 +265,8 @@ class IAMRunContext:
     Tools that need the application's own context read ``ctx.context.user_context``. After a
     handoff, ``token`` is the narrower token minted for the receiving agent. It also carries the
     adapter's bookkeeping for the run (decisions between hooks, reasoning by call id), so use
-    one per run; resuming with ``Runner.run(agent, state)`` keeps the same object.
+    one per run; resuming with ``Runner.run(agent, state)`` keeps the same object. When the run
+    finishes (final output), its execution ends unless ``end_on_finish=False``.
     """
 
     token: TokenLike | None
@@ -256,10 +277,20 @@ class IAMRunContext:
     """Who approved when the SDK resumes a call approved with plain ``state.approve(item)``
     (without :meth:`approve`): a configured approver id (``GuardConfig.approvers``). The
     default is refused by the Guard."""
+    end_on_finish: bool = True
+    """End the execution (:meth:`Guard.end_execution`) when the run produces its final output.
+    ``False`` keeps it for a conversation of several runs with this context (end it yourself
+    with ``guard.end_execution(token)``); identities minted for handoffs end with each run."""
     _state: _RunState = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._state = _new_state()
+        self._state.root = self.token
+
+    @property
+    def aiam_end_on_finish(self) -> bool:
+        """``end_on_finish`` under the name every adapter looks for."""
+        return self.end_on_finish
 
     @property
     def run_id(self) -> str:
@@ -284,6 +315,11 @@ def _token_of(context: object) -> TokenLike | None:
     return token if isinstance(token, (str, ExecutionToken)) else None
 
 
+def _end_on_finish(context: object) -> bool:
+    """False only when the context opts out (``aiam_end_on_finish`` is ``False``)."""
+    return getattr(context, "aiam_end_on_finish", None) is not False
+
+
 def _set_token(context: object, token: TokenLike) -> None:
     if isinstance(context, IAMRunContext):
         context.token = token
@@ -301,11 +337,46 @@ def _state_of(context: object) -> _RunState | None:
     if isinstance(state, _RunState):
         return state
     state = _new_state()
+    state.root = _token_of(context)
     try:
         setattr(context, _STATE_ATTR, state)
     except (AttributeError, TypeError):
         return None
     return state
+
+
+def _end(guard: Guard, token: TokenLike, reason: str) -> bool:
+    """End one execution; False (logged) when it could not be: the run's work is done, and
+    raising would not make the token any less valid (it still expires at its ``exp``)."""
+    try:
+        guard.end_execution(_raw(token), reason=reason)
+    except Exception as exc:  # see the docstring
+        log.warning("could not end an execution (%s): %s", reason, type(exc).__name__)
+        return False
+    return True
+
+
+def _finish_run(guard: Guard, context: object, reason: str) -> None:
+    """The run of ``context`` is over: end the identities minted for its handoffs, always, and
+    its root one unless the context opted out (an ``as_tool`` sub-run never does)."""
+    state = _state_of(context)
+    if state is None or state.ended:
+        return
+    current = _token_of(context)
+    root = state.root if state.root is not None else current
+    left: list[TokenLike] = []
+    for token in state.minted:
+        if (root is None or _raw(token) != _raw(root)) and not _end(guard, token, reason):
+            left.append(token)  # tried again when the run ends next time
+    state.minted = left
+    if root is None:
+        return
+    if state.nested or _end_on_finish(context):
+        state.ended = _end(guard, root, reason)
+    elif current is not None and _raw(current) != _raw(root):
+        # The root identity outlives the run; the handoff ones ended: the next run with this
+        # context starts again under the root identity.
+        _set_token(context, root)
 
 
 def _raw(token: TokenLike) -> str:
@@ -428,15 +499,23 @@ def _before_llm(guard: Guard | None, context: RunContextWrapper[Any], agent: Age
     if state is None:
         return
     state.current_agent = agent
-    # Allowed decisions nobody consumed (a guardrail in front of ours rejected the call, the
-    # run was cancelled): the turn is over, release their budget reservations.
-    for table in (state.decided, state.authorized):
+    if state.root is None:
+        state.root = _token_of(context.context)
+    state.awaiting.clear()  # the model is asked again: no pause is pending any more
+    # Allowed decisions nobody consumed: the turn is over. One still waiting for the input
+    # guardrail never ran (a guardrail in front of ours rejected the call): cancelled. One
+    # past our guardrail may have started (the run was cancelled mid-call): charged.
+    for started, table in ((False, state.decided), (True, state.authorized)):
         for call_id, decision in list(table.items()):
             if decision.outcome == "approval_required":
                 continue
             del table[call_id]
-            if decision.allowed and guard is not None:
+            if not decision.allowed or guard is None:
+                continue
+            if started:
                 guard.complete(decision, "error")
+            else:
+                guard.cancel(decision)
     # What the user asked for, for argument provenance: only the input of the first model call
     # of a top-level run (later inputs hold tool output; a sub-agent's input is model-written).
     if state.observed_request or state.nested:
@@ -495,6 +574,10 @@ class _IAMAgentHooks(AgentHooks[Any]):
             await self.inner.on_start(context, agent)
 
     async def on_end(self, context: Any, agent: Any, output: Any) -> None:
+        # The SDK calls this when the run (or an ``as_tool`` sub-run) produces its final output
+        # (run_internal/turn_resolution.py run_final_output_hooks); not when it pauses for an
+        # approval. The run's executions end here.
+        _safely(_finish_run, self.guard, getattr(context, "context", None), "completed")
         if self.inner is not None:
             await self.inner.on_end(context, agent, output)
 
@@ -878,9 +961,11 @@ class _NeedsApproval:
             state.decided[call_id] = decision
         if decision.outcome == "deny":
             return False  # refused anyway: do not ask a human
-        if decision.outcome == "approval_required":
+        if decision.outcome == "approval_required" or await _flag(
+                self.original, run_context, params, call_id):
+            state.awaiting.add(call_id)  # the SDK pauses the run for this call
             return True
-        return await _flag(self.original, run_context, params, call_id)
+        return False
 
 
 @dataclass(eq=False)
@@ -943,8 +1028,9 @@ class _Protection:
         return decision
 
     def release(self, decision: Decision) -> None:
+        """An allowed decision whose tool will not run: give its reservation back."""
         if decision.allowed:
-            self.guard.complete(decision, "error")
+            self.guard.cancel(decision)
 
     def record_approval(self, context: object, state: _RunState, call_id: str,
                         decision: Decision) -> None:
@@ -997,15 +1083,17 @@ class _Protection:
         return self.broker.subdelegate_for(_raw(token), target, capabilities=capabilities)
 
     def child_context(self, context: object, state: _RunState, token: TokenLike) -> object:
+        child_state = _new_state(state.shared, state)
+        child_state.root = token  # minted here: it ends with the sub-run, always
         if isinstance(context, IAMRunContext):
             scoped = IAMRunContext(token, user_context=context.user_context,
                                    approver=context.approver)
-            scoped._state = _new_state(state.shared, state)
+            scoped._state = child_state
             return scoped
         # Any other context object: a shallow copy carrying the child token and fresh state.
         child = copy.copy(context)
         _set_token(child, token)
-        setattr(child, _STATE_ATTR, _new_state(state.shared, state))
+        setattr(child, _STATE_ATTR, child_state)
         return child
 
     # -- attaching --
@@ -1121,7 +1209,20 @@ class _Protection:
                 state.children[ctx.tool_call_id] = child
             nested = copy.copy(ctx)  # keeps approvals, usage and nested-run bookkeeping
             nested.context = child  # the nested Runner.run uses ctx.context as its context
-            return await original(nested, input_json)
+            try:
+                output = await original(nested, input_json)
+            except BaseException:
+                state.children.pop(ctx.tool_call_id, None)
+                _safely(_finish_run, self.guard, child, "failed")
+                raise
+            child_state = _state_of(child)
+            if child_state is None or not child_state.awaiting:
+                # The sub-run is over. Its final output ended its identity already; if it had
+                # none (the SDK turned a failure into this tool's output), it ends now. A
+                # sub-run paused for a human keeps it: the SDK resumes it with this context.
+                state.children.pop(ctx.tool_call_id, None)
+                _safely(_finish_run, self.guard, child, "failed")
+            return output
 
         tool.on_invoke_tool = invoke
 
@@ -1159,6 +1260,8 @@ class _Protection:
                 # agent and make the transfer message the refusal the model reads.
                 _HANDOFF_REFUSAL.set(_refusal(item.tool_name, target, _why(exc)))
                 return current
+            if state is not None and token is not _token_of(ctx.context):
+                state.minted.append(token)  # ends with the run, even if the handoff fails
             agent: Agent[Any] = await original_invoke(ctx, input_json)
             if self.registry_id(agent.name) != target:
                 raise ConfigurationError(

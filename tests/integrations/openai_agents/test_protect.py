@@ -137,4 +137,7 @@ def test_identity_of_another_agent_cannot_run_the_tools(env: Env) -> None:
     assert backend.executions == []
     assert "belongs to agent `support-agent`" in model.outputs()["i1"]
     (completed,) = [e for e in env.sink.events if e.event_type == "tool_call.completed"]
-    assert completed.result.outcome == "error"  # the reservation was released
+    # Issue 13 item 7: the tool never ran, so the call is cancelled (reservation given back);
+    # "error" now means charged.
+    assert completed.result.outcome == "cancelled"
+    assert completed.result.budget_settled == {}
