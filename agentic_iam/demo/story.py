@@ -168,4 +168,8 @@ def run_core_story(env: DemoEnv) -> tuple[list[StepResult], ExecutionToken]:
                                    ttl=300, budget=Budget(tool_calls=3, cost=100,
                                                           llm_tokens=5_000))
     results += run_calls(env, child, "refund-bot", subagent_script())
+    # The task is over: the identities end (the child's too, by cascade; ended explicitly so
+    # that each has its own `execution.ended` record).
+    env.guard.end_execution(child)
+    env.guard.end_execution(token)
     return results, token
