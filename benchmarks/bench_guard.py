@@ -118,11 +118,13 @@ def run(n: int = 2000) -> list[tuple[str, float]]:
         rows.append(("ratio 1000-policy / 10-policy (p50)",
                      _p(big, 0.5) / _p(base, 0.5)))
         per_store: dict[str, float] = {}
-        stores: dict[str, Any] = {"memory": MemoryStore(),
-                                  "sqlite": SqliteStore(str(root / "store.db"))}
+        stores: dict[str, Any] = {
+            "memory": MemoryStore(),
+            "sqlite": SqliteStore(str(root / "store.db"), initialize=True)}
         try:
             url = os.environ.get("AIAM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-            redis_store = RedisStore(url, prefix=f"aiam-bench-{uuid.uuid4().hex}:")
+            redis_store = RedisStore(url, prefix=f"aiam-bench-{uuid.uuid4().hex}:",
+                                     initialize=True)
             redis_store.session_state("probe")
             stores["redis"] = redis_store
         except Exception:

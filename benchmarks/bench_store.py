@@ -76,7 +76,7 @@ def _redis_store() -> Iterator[RedisStore | None]:
     url = os.environ.get("AIAM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"aiam-bench:{uuid.uuid4().hex}:"
     try:
-        store = RedisStore(url, prefix=prefix, timeout_s=1.0)
+        store = RedisStore(url, prefix=prefix, timeout_s=1.0, initialize=True)
         store.revoked(["probe"])
     except (MissingExtraError, StoreUnavailableError) as exc:
         print(f"redis skipped: {exc}", file=sys.stderr)
@@ -104,7 +104,7 @@ def run(iterations: int = 2000, warmup: int = 200) -> list[tuple[str, float]]:
     rows.append(("memory  admit+settle", _median_us(memory, iterations, warmup)))
     memory.close()
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = SqliteStore(Path(tmp) / "bench.db")
+        sqlite = SqliteStore(Path(tmp) / "bench.db", initialize=True)
         try:
             rows.append(
                 ("sqlite  admit+settle (WAL, NORMAL)", _median_us(sqlite, iterations, warmup))

@@ -64,11 +64,11 @@ def _write_world(root: Path) -> tuple[Path, Path]:
     return registry, root / "policies"
 
 
-def _open_store(spec: str) -> Any:
+def _open_store(spec: str, initialize: bool = False) -> Any:
     if spec.startswith("sqlite:"):
-        return SqliteStore(spec.removeprefix("sqlite:"), timeout_s=10.0)
+        return SqliteStore(spec.removeprefix("sqlite:"), timeout_s=10.0, initialize=initialize)
     url, prefix = spec.split("#", 1)
-    return RedisStore(url, prefix=prefix, timeout_s=2.0)
+    return RedisStore(url, prefix=prefix, timeout_s=2.0, initialize=initialize)
 
 
 def _worker(args: tuple[str, str, str, str, str, Any, int]) -> int:
@@ -93,7 +93,7 @@ def _race(tmp_path: Path, store_spec: str) -> tuple[int, Any]:
     registry_path, policies = _write_world(tmp_path)
     registry = AgentRegistry.from_yaml(registry_path)
     keys = KeySet.generate("https://broker.scale")
-    store = _open_store(store_spec)
+    store = _open_store(store_spec, initialize=True)
     broker = DelegationBroker(registry, keys, audience=AUD, store=store)
     token = broker.delegate(Human("alice@example.com"), "billing-agent", "race",
                             ["card:charge"], ttl=600, budget=Budget(cost=1000))
@@ -134,7 +134,7 @@ def test_revoking_a_parent_denies_its_children_in_another_process(tmp_path: Path
     registry = AgentRegistry.from_yaml(registry_path)
     keys = KeySet.generate("https://broker.scale")
     spec = f"sqlite:{tmp_path / 'store.db'}"
-    broker = DelegationBroker(registry, keys, audience=AUD, store=_open_store(spec))
+    broker = DelegationBroker(registry, keys, audience=AUD, store=_open_store(spec, True))
     parent = broker.delegate(Human("alice@example.com"), "billing-agent", "revoke",
                              ["card:charge"], ttl=600, budget=Budget(cost=1000), depth=1)
     child = broker.subdelegate(parent, "billing-child", ["card:charge"], ttl=300,
@@ -186,7 +186,7 @@ def test_redis_stopped_mid_run_denies_within_the_timeout(tmp_path: Path) -> None
         registry_path, policies = _write_world(tmp_path)
         registry = AgentRegistry.from_yaml(registry_path)
         keys = KeySet.generate("https://broker.scale")
-        store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.25)
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.25, initialize=True)
         broker = DelegationBroker(registry, keys, audience=AUD, store=store)
         guard = Guard.from_broker(broker, CedarEngine.from_directory(policies, registry))
         token = broker.delegate(Human("alice@example.com"), "billing-agent", "outage",

@@ -26,18 +26,32 @@ Semantics shared by all stores (the contract tests check each one):
 * Sessions and grant budgets are forgotten ``state_ttl_s`` after they were last written (default
   one day). That must exceed the longest execution-token lifetime, or a grant's spend could be
   forgotten while its token is still valid.
+* The value index (``add_values``) is bounded per session; when full it evicts by label rank,
+  lowest first (oldest ``untrusted``, then oldest ``trusted``, then oldest ``request``), so a
+  flood of the attacker's own untrusted content can never push out what the user asked for.
+* **Epoch.** Every durable store holds an *epoch*: a random id created together with its state
+  (``initialize=True`` or ``aiam store init``). A client remembers the epoch it first saw and
+  every operation checks, in the same atomic step, that the store still holds one. A store that
+  lost its state (Redis restarted without persistence, the SQLite file deleted or replaced)
+  has none, and every operation raises :class:`~agentic_iam.errors.StoreStateLostError` (the
+  Guard denies) until an operator re-initialises it; forgotten budgets and revocations can
+  therefore never turn into allows. An epoch that is present but different (an operator
+  re-initialised) is adopted with a warning. A :class:`MemoryStore`'s epoch lives and dies with
+  its process, like its state.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from agentic_iam.errors import StoreError
+from agentic_iam.errors import StoreError, StoreStateLostError
 
 __all__ = [
     "DEFAULT_STATE_TTL_S",
@@ -270,7 +284,9 @@ class Store(Protocol):
         """Record argument provenance: digest → label, keeping the best label.
 
         Rank ``"request"`` > ``"trusted"`` > ``"untrusted"``. Bounded: when more than
-        ``max_values`` digests are held, the least recently added are evicted.
+        ``max_values`` digests are held, the lowest-ranked are evicted first, least recently
+        added first within a rank (all ``untrusted`` before any ``trusted``, all ``trusted``
+        before any ``request``). Each add costs O(log n) plus the number evicted.
         """
         ...
 
@@ -516,6 +532,22 @@ def with_value_labels(store: Store, request: AdmitRequest, result: AdmitResult) 
     labels = store.value_labels(request.session, request.value_digests)
     return make_result(result.outcome, result.detail, result.retry_after_s, result.remaining,
                        result.session, labels)
+
+
+def new_epoch(now: float | None = None) -> str:
+    """A fresh store epoch: creation time (UTC, for operators) plus 96 random bits."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"ep-{stamp}-{secrets.token_hex(12)}"
+
+
+def state_lost(store: str, what: str, init_spec: str) -> StoreStateLostError:
+    """The error every durable store raises when its epoch is gone (or was never created)."""
+    return StoreStateLostError(
+        f"{store}: {what}. Budgets, revocations, sessions and approvals it held may be gone, "
+        "so every call is denied. Find out what happened, then run `aiam store init --store "
+        f"{init_spec}` to start a new epoch",
+        store=store,
+    )
 
 
 def add_taint(sources: list[str], source: str | None) -> list[str]:

@@ -21,6 +21,7 @@ from agentic_iam.core.store.base import (
     DEFAULT_STATE_TTL_S,
     EMPTY_SESSION,
     REVOCATION_GRACE_S,
+    VALUE_LABELS,
     AdmitRequest,
     AdmitResult,
     SessionState,
@@ -40,6 +41,7 @@ from agentic_iam.core.store.base import (
     gcra,
     make_result,
     make_session,
+    new_epoch,
     remaining_of,
     result_dims,
     settled_amount,
@@ -89,8 +91,10 @@ class _Session:
     """Live reservations held by this session (it is never purged while > 0)."""
     events: list[str] = field(default_factory=list)
     """Events as JSON text, oldest first."""
-    values: OrderedDict[str, str] = field(default_factory=OrderedDict)
-    """Digest → label, least recently added first."""
+    values: dict[str, str] = field(default_factory=dict)
+    """Digest → best label."""
+    value_order: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
+    """Per label, its digests least recently added first (eviction order within a rank)."""
 
     def state(self) -> SessionState:
         return make_session(self.call_count, self.actions, self.labels, self.risk, self.tainted_by)
@@ -113,6 +117,7 @@ class MemoryStore:
 
     ``clock`` (unix seconds) drives GCRA, reservation expiry and approvals; tests may pass a
     fake one. ``state_ttl_s``: sessions and budgets not written for that long are purged.
+    Its epoch is created with it and dies with it, like its state: nothing to check.
     """
 
     def __init__(
@@ -132,6 +137,16 @@ class MemoryStore:
         self._revoked: dict[str, float] = {}  # key -> held until
         self._approvals: dict[str, dict[str, Any]] = {}
         self._last_purge = clock()
+        self._epoch = new_epoch(self._last_purge)
+
+    @property
+    def epoch(self) -> str:
+        """This store's epoch (created with it; see the module docstring of ``base``)."""
+        return self._epoch
+
+    def read_epoch(self) -> str:
+        """The epoch the store holds: for a memory store, always its own."""
+        return self._epoch
 
     # --- internals (call with the lock held) ------------------------------------------------
 
@@ -392,11 +407,24 @@ class MemoryStore:
         check_bound(max_values, "max_values")
         items = [(check_key(d, "digest"), check_label(label)) for d, label in digests.items()]
         with self._lock:
-            values = self._session(session, self._clock()).values
+            state = self._session(session, self._clock())
+            values, order = state.values, state.value_order
             for digest, label in items:
-                values[digest] = better_label(values.pop(digest, None), label)  # re-add = newest
-            while len(values) > max_values:
-                values.popitem(last=False)
+                old = values.get(digest)
+                best = better_label(old, label)
+                if old is not None:
+                    del order[old][digest]
+                values[digest] = best
+                order.setdefault(best, OrderedDict())[digest] = None  # re-add = newest
+            # Evict lowest rank first, oldest first within it: the attacker's own untrusted
+            # content can never push out a request or trusted value (issue 13, item 5).
+            excess = len(values) - max_values
+            for label in sorted(order, key=VALUE_LABELS.__getitem__):
+                bucket = order[label]
+                while excess > 0 and bucket:
+                    digest, _ = bucket.popitem(last=False)
+                    del values[digest]
+                    excess -= 1
 
     def value_labels(self, session: str, digests: Sequence[str]) -> Mapping[str, str]:
         check_key(session, "session")

@@ -22,13 +22,25 @@ Numbers: Lua numbers are doubles and ``tostring``/``cjson.encode`` print only 14
 digits, so the scripts format every number they store or return with ``string.format`` and
 return integers as Redis integers (exact below 2**53, see ``MAX_AMOUNT``).
 
-Keys (all under ``prefix``; every key has a TTL except the two indexes, whose members are
-removed as they expire): ``b:<grant>`` budget hash (``s:<dim>`` spent, ``r:<dim>`` reserved);
-``r:<id>`` reservation hash; ``rexp`` zset of reservations by expiry; ``rl:<key>`` GCRA
-theoretical arrival time; ``rv:<key>`` revocation; ``s:<session>`` session hash (``calls``,
-``risk``, ``a:<action>``, ``l:<label>``, ``t`` taint JSON); ``e:<session>`` event list;
-``v:<session>`` value labels (``d:<digest>``, ``n`` counter) with ``vo:<session>`` zset order;
-``ap:<id>`` approval hash, ``ab:<binding>`` set of request ids, ``apx`` zset by expiry.
+Keys (all under ``prefix``; every key has a TTL except ``epoch`` and the two indexes, whose
+members are removed as they expire): ``epoch`` the store's epoch; ``b:<grant>`` budget hash
+(``s:<dim>`` spent, ``r:<dim>`` reserved); ``r:<id>`` reservation hash; ``rexp`` zset of
+reservations by expiry; ``rl:<key>`` GCRA theoretical arrival time; ``rv:<key>`` revocation;
+``s:<session>`` session hash (``calls``, ``risk``, ``a:<action>``, ``l:<label>``, ``t`` taint
+JSON); ``e:<session>`` event list; ``v:<session>`` value labels (``d:<digest>``, ``n`` counter)
+with ``vr:<session>`` zset in eviction order (score ``rank * 2**40 + seq``: lowest label rank
+first, oldest first within it); ``ap:<id>`` approval hash, ``ab:<binding>`` set of request ids,
+``apx`` zset by expiry.
+
+State loss: a Redis that restarts without persistence (or evicts keys) comes back empty, and
+forgotten budgets and revocations would turn into allows. So every script first reads the
+``epoch`` key, inside the same script (no extra round trip): missing means the state is gone
+and the script returns the error ``AIAM_STATE_LOST`` before touching anything, which the client
+raises as :class:`~agentic_iam.errors.StoreStateLostError`; present but different from the
+epoch the client knows returns ``AIAM_EPOCH <epoch>``, and the client adopts it (with a
+warning, unless it knew none yet) and runs the script again. Only ``initialize=True`` and
+``aiam store init`` create the epoch, and ``epoch`` has no TTL. Production servers need
+``appendonly yes`` and ``maxmemory-policy noeviction`` (see the README).
 
 Cluster: NOT supported. Scripts compute key names (a reservation names the grants it must
 release) instead of declaring them all in ``KEYS``, which Redis Cluster forbids, and one call
@@ -40,9 +52,11 @@ a cluster, and never retry a failed ``admit`` on its own.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from agentic_iam.core.store.base import (
     DEFAULT_STATE_TTL_S,
@@ -64,8 +78,10 @@ from agentic_iam.core.store.base import (
     dump_json,
     make_result,
     make_session,
+    new_epoch,
     remaining_of,
     result_dims,
+    state_lost,
 )
 from agentic_iam.errors import ApprovalError, MissingExtraError, StoreError, StoreUnavailableError
 
@@ -74,11 +90,19 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore"]
 
+log = logging.getLogger(__name__)
+
 # Shared by every script. ARGV[1] = key prefix, ARGV[2] = state TTL in ms; the operation's own
-# arguments start at ARGV[3].
+# arguments start at ARGV[3]; the LAST argument is the epoch the client knows ('' if none yet).
 _PRELUDE = r"""
 local P = ARGV[1]
 local STATE_TTL_MS = tonumber(ARGV[2])
+
+-- The epoch check comes before any read or write of state (see the module docstring). A
+-- script that returns here has changed nothing.
+local EPOCH = redis.call('GET', P .. 'epoch')
+if not EPOCH then return redis.error_reply('AIAM_STATE_LOST') end
+if EPOCH ~= ARGV[#ARGV] then return redis.error_reply('AIAM_EPOCH ' .. EPOCH) end
 
 local function fint(n) return string.format('%d', n) end
 
@@ -330,18 +354,22 @@ return redis.call('LRANGE', P .. 'e:' .. ARGV[3], 0, -1)
 
 _ADD_VALUES = r"""
 local rank = {untrusted = 1, trusted = 2, request = 3}
+local SPAN = 1099511627776  -- 2**40 sequence numbers per rank; 3 * 2**40 stays below 2**53
 local vk = P .. 'v:' .. ARGV[3]
-local ok = P .. 'vo:' .. ARGV[3]
+local ok = P .. 'vr:' .. ARGV[3]
 local items = cjson.decode(ARGV[4])
 local max = tonumber(ARGV[5])
 local seq = redis.call('HINCRBY', vk, 'n', #items) - #items
 for _, pair in ipairs(items) do
   seq = seq + 1
-  local old = redis.call('HGET', vk, 'd:' .. pair[1])
-  if (not old) or rank[pair[2]] > (rank[old] or 0) then
-    redis.call('HSET', vk, 'd:' .. pair[1], pair[2])
+  local best = redis.call('HGET', vk, 'd:' .. pair[1])
+  if (not best) or rank[pair[2]] > (rank[best] or 0) then
+    best = pair[2]
+    redis.call('HSET', vk, 'd:' .. pair[1], best)
   end
-  redis.call('ZADD', ok, fint(seq), pair[1])
+  -- re-added = newest within its rank; a lower rank sorts first, so eviction below takes
+  -- every untrusted value before any trusted one, and every trusted before any request
+  redis.call('ZADD', ok, fint(rank[best] * SPAN + seq), pair[1])
 end
 local count = redis.call('ZCARD', ok)
 if count > max then
@@ -474,6 +502,16 @@ _SCRIPTS = {
     "list_approvals": _LIST_APPROVALS,
 }
 
+# Outside the epoch check: create the epoch if absent (ARGV[3] = 1 to replace one that
+# exists), and return {epoch, created}.
+_INIT_EPOCH = r"""
+local k = ARGV[1] .. 'epoch'
+local current = redis.call('GET', k)
+if current and ARGV[3] ~= '1' then return {current, 0} end
+redis.call('SET', k, ARGV[2])
+return {ARGV[2], 1}
+"""
+
 
 class RedisStore:
     """A :class:`~agentic_iam.core.store.base.Store` on a Redis server shared by many hosts.
@@ -481,6 +519,13 @@ class RedisStore:
     ``client``: an existing ``redis.Redis`` to use instead of ``url`` (its timeouts and retries
     are then the caller's business, and :meth:`close` leaves it open). ``state_ttl_s``:
     sessions and budgets not written for that long expire.
+
+    ``initialize``: create the epoch under ``prefix`` now if there is none (atomically; an
+    existing one is kept). This is one round trip at construction; without it the store does
+    no I/O until its first operation. Leave it False in services: after Redis restarts empty,
+    every operation then raises :class:`~agentic_iam.errors.StoreStateLostError` (the Guard
+    denies) until an operator runs ``aiam store init``; with True, a service restarted after
+    the loss would silently start from nothing.
     """
 
     def __init__(
@@ -491,6 +536,7 @@ class RedisStore:
         timeout_s: float = 0.25,
         client: redis_py.Redis | None = None,
         state_ttl_s: float = DEFAULT_STATE_TTL_S,
+        initialize: bool = False,
     ) -> None:
         try:
             import redis
@@ -502,6 +548,8 @@ class RedisStore:
         self._prefix = prefix
         self._state_ttl_ms = str(math.ceil(check_positive(state_ttl_s, "state_ttl_s") * 1000))
         self._redis_error: type[Exception] = redis.RedisError
+        self._response_error: type[Exception] = redis.ResponseError
+        self._epoch: str | None = None
         self._owns_client = client is None
         if client is None:
             client = redis.Redis.from_url(
@@ -518,15 +566,108 @@ class RedisStore:
         self._scripts = {
             name: client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
         }
+        self._init_script = client.register_script(_INIT_EPOCH)
+        self._url = _safe_url(url) if self._owns_client else None
+        self._name = (f"redis store `{self._url}` (prefix `{prefix}`)" if self._url
+                      else f"redis store (client handed in, prefix `{prefix}`)")
+        if initialize:
+            self._epoch = self._init(force=False)[0]
 
-    def _call(self, op: str, *args: str) -> Any:
+    @property
+    def epoch(self) -> str | None:
+        """The epoch this client saw first (or adopted); None before its first operation."""
+        return self._epoch
+
+    def read_epoch(self) -> str | None:
+        """The epoch the server holds now under this prefix (None: lost or never initialised)."""
         try:
-            reply = self._scripts[op](args=[self._prefix, self._state_ttl_ms, *args])
+            value = self._client.get(self._prefix + "epoch")
         except self._redis_error as exc:
             raise StoreUnavailableError(
-                f"redis store: `{op}` failed: {type(exc).__name__}: {exc}"
+                f"{self._name}: `read_epoch` failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return _text(reply)
+        return None if value is None else str(_text(value))
+
+    def init_epoch(self, *, force: bool = False) -> str:
+        """Create the epoch under this prefix and return it (``aiam store init``).
+
+        Refuses (``StoreError``) if there is one already, unless ``force``: then a new epoch
+        replaces it and running clients adopt it with a warning. State is kept.
+        """
+        epoch, created = self._init(force=force)
+        if not created:
+            raise StoreError(
+                f"{self._name} already has epoch `{epoch}`; use --force to replace it"
+            )
+        self._epoch = epoch
+        return epoch
+
+    def persistence(self) -> dict[str, str]:
+        """The server's persistence and eviction settings (``CONFIG GET``), for ``aiam store
+        status``; a server that forbids CONFIG gives an empty mapping."""
+        out: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save", "maxmemory-policy"):
+            try:
+                reply = self._client.config_get(name)
+            except self._response_error:
+                return {}  # CONFIG renamed or forbidden (managed services): unknown
+            except self._redis_error as exc:
+                raise StoreUnavailableError(
+                    f"{self._name}: `persistence` failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            for key, value in _text(reply).items() if isinstance(reply, dict) else ():
+                out[str(_text(key))] = str(_text(value))
+        return out
+
+    def _init(self, *, force: bool) -> tuple[str, bool]:
+        try:
+            reply = _text(self._init_script(
+                args=[self._prefix, new_epoch(), "1" if force else "0"]))
+        except self._redis_error as exc:
+            raise StoreUnavailableError(
+                f"{self._name}: `init_epoch` failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return str(reply[0]), bool(reply[1])
+
+    def _call(self, op: str, *args: str) -> Any:
+        # At most two runs: the second only after the script refused, unchanged, to run on an
+        # epoch this client did not know yet.
+        for _ in range(2):
+            try:
+                reply = self._scripts[op](
+                    args=[self._prefix, self._state_ttl_ms, *args, self._epoch or ""])
+            except self._response_error as exc:
+                message = str(exc)
+                if message.startswith("AIAM_STATE_LOST"):
+                    raise state_lost(
+                        self._name,
+                        "the server holds no epoch under this prefix: its state was lost "
+                        "(a restart without persistence, a flush, evicted keys) or it was "
+                        "never initialised",
+                        self._init_spec(),
+                    ) from None
+                if message.startswith("AIAM_EPOCH "):
+                    self._adopt(message.removeprefix("AIAM_EPOCH "))
+                    continue
+                raise StoreUnavailableError(
+                    f"{self._name}: `{op}` failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            except self._redis_error as exc:
+                raise StoreUnavailableError(
+                    f"{self._name}: `{op}` failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            return _text(reply)
+        raise StoreUnavailableError(f"{self._name}: `{op}` failed: the epoch keeps changing")
+
+    def _adopt(self, epoch: str) -> None:
+        if self._epoch is not None:
+            log.warning("%s: epoch changed from %s to %s (re-initialised by an operator); "
+                        "adopting it", self._name, self._epoch, epoch)
+        self._epoch = epoch
+
+    def _init_spec(self) -> str:
+        spec = self._url or "redis://HOST:PORT/DB"
+        return spec if self._prefix == "aiam:" else f"{spec} --prefix {self._prefix}"
 
     # --- budgets and rate limits ------------------------------------------------------------
 
@@ -713,6 +854,14 @@ class RedisStore:
 
 
 # --- reply parsing ----------------------------------------------------------------------------
+
+
+def _safe_url(url: str) -> str:
+    """The URL to show in messages: scheme, host, port and database, never a password."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def _text(reply: Any) -> Any:

@@ -15,22 +15,33 @@ file system (SQLite's locking is not reliable there: use :class:`RedisStore`).
 
 Durability: ``synchronous=NORMAL`` in WAL mode survives a process crash but may lose the last
 transactions on power loss (a few milliseconds of spend), a deliberate trade of ~120 us/call.
+
+State loss: the file holds an epoch (``meta``, created by ``initialize=True`` or ``aiam store
+init``) and every transaction reads it first; none means the state is gone and the operation
+raises :class:`~agentic_iam.errors.StoreStateLostError`. Deleting or replacing the file under
+running processes leaves their connections on the old inode while new processes would open a
+fresh file (split brain), so each transaction also compares the path's inode with the one its
+connection opened (one ``stat``) and a missing or different file is state loss too. Only a
+store constructed with ``initialize=True`` ever creates the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from agentic_iam.core.store.base import (
     DEFAULT_STATE_TTL_S,
     REVOCATION_GRACE_S,
+    VALUE_LABELS,
     AdmitRequest,
     AdmitResult,
     SessionState,
@@ -50,18 +61,29 @@ from agentic_iam.core.store.base import (
     gcra,
     make_result,
     make_session,
+    new_epoch,
     remaining_of,
     result_dims,
     settled_amount,
+    state_lost,
     with_value_labels,
 )
 from agentic_iam.errors import ApprovalError, StoreError, StoreUnavailableError
 
 __all__ = ["SqliteStore"]
 
+log = logging.getLogger(__name__)
+
 _T = TypeVar("_T")
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+
+# A value label's eviction rank as SQL; the eviction index and query must use this exact text.
+_RANK_SQL = (
+    "(CASE label "
+    + " ".join(f"WHEN '{label}' THEN {rank}" for label, rank in VALUE_LABELS.items())
+    + " END)"
+)
 
 # Purge stale rows at most this often per connection (seconds).
 _PURGE_EVERY_S = 60.0
@@ -83,7 +105,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     session TEXT PRIMARY KEY,
     call_count INTEGER NOT NULL DEFAULT 0, risk INTEGER NOT NULL DEFAULT 0,
     labels TEXT NOT NULL DEFAULT '[]', tainted_by TEXT NOT NULL DEFAULT '[]',
-    touched REAL NOT NULL) WITHOUT ROWID;
+    touched REAL NOT NULL,
+    value_count INTEGER NOT NULL DEFAULT 0, value_seq INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session_actions (
     session TEXT NOT NULL, action TEXT NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (session, action)) WITHOUT ROWID;
@@ -97,21 +120,36 @@ CREATE INDEX IF NOT EXISTS events_session ON events (session, seq);
 CREATE TABLE IF NOT EXISTS value_labels (
     session TEXT NOT NULL, digest TEXT NOT NULL, label TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (session, digest)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS value_labels_order ON value_labels (session, seq);
+CREATE INDEX IF NOT EXISTS value_labels_evict ON value_labels (session, %RANK%, seq);
 CREATE TABLE IF NOT EXISTS approvals (
     request_id TEXT PRIMARY KEY, binding TEXT NOT NULL, status TEXT NOT NULL,
     approver TEXT, payload TEXT NOT NULL,
     created_at REAL NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding);
 CREATE INDEX IF NOT EXISTS approvals_expiry ON approvals (expires_at);
-"""
+""".replace("%RANK%", _RANK_SQL)
+
+# Schema 1 -> 2: the value index evicts by label rank and keeps its size and sequence per
+# session (no scan per add). ``value_labels_evict`` is created by _SCHEMA above.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE sessions ADD COLUMN value_count INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE sessions ADD COLUMN value_seq INTEGER NOT NULL DEFAULT 0",
+    "UPDATE sessions SET"
+    " value_count = (SELECT COUNT(*) FROM value_labels v WHERE v.session = sessions.session),"
+    " value_seq = (SELECT COALESCE(MAX(seq), 0) FROM value_labels v"
+    " WHERE v.session = sessions.session)",
+    "DROP INDEX IF EXISTS value_labels_order",
+    "UPDATE meta SET value = '2' WHERE name = 'schema'",
+)
 
 
 class _Local(threading.local):
-    """This thread's connection, and the pid that opened it (a forked child must reopen)."""
+    """This thread's connection, the pid that opened it (a forked child must reopen) and the
+    file it opened, as ``(st_dev, st_ino)``."""
 
     conn: sqlite3.Connection | None = None
     pid: int = 0
+    inode: tuple[int, int] = (0, 0)
     last_purge: float = 0.0
 
 
@@ -121,6 +159,12 @@ class SqliteStore:
     ``timeout_s`` bounds every wait for the write lock. ``clock`` (unix seconds) must be the
     same wall clock in every process that shares the file; tests may pass a fake one.
     ``state_ttl_s``: sessions and budgets not written for that long are purged.
+
+    ``initialize``: create the file and its epoch if they do not exist yet (atomically; an
+    existing epoch is kept). Leave it False in services: a store whose file or epoch is missing
+    then raises :class:`~agentic_iam.errors.StoreStateLostError` (the Guard denies) until an
+    operator runs ``aiam store init``. With True, a process restarted after the file was
+    deleted would silently start from nothing.
     """
 
     def __init__(
@@ -130,8 +174,11 @@ class SqliteStore:
         timeout_s: float = 2.0,
         clock: Callable[[], float] = time.time,
         state_ttl_s: float = DEFAULT_STATE_TTL_S,
+        initialize: bool = False,
     ) -> None:
-        self._path = os.fspath(path)
+        # Absolute: the per-transaction inode check must keep naming the same file even if the
+        # process changes its working directory.
+        self._path = os.path.abspath(os.fspath(path))
         self._timeout_s = check_positive(timeout_s, "timeout_s")
         self._clock = clock
         self._state_ttl_s = check_positive(state_ttl_s, "state_ttl_s")
@@ -139,34 +186,146 @@ class SqliteStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._epoch: str | None = None
+        self._initialize = bool(initialize)
         try:
-            self._run("open", self._create_schema)
+            self._run("open", self._open, check=False, create=self._initialize)
         except BaseException:
             self.close()  # do not leak the connection of a store that never opened
             raise
 
+    @property
+    def epoch(self) -> str | None:
+        """The epoch this client saw first (or adopted); None before it saw one."""
+        return self._epoch
+
+    def read_epoch(self) -> str | None:
+        """The epoch the file holds now (None: lost or never initialised). Checks nothing."""
+        return self._run("read_epoch", lambda conn, now: self._stored_epoch(conn),
+                         write=False, check=False)
+
+    def init_epoch(self, *, force: bool = False) -> str:
+        """Create the file's epoch and return it (``aiam store init``).
+
+        Refuses (``StoreError``) if the file already holds one, unless ``force``: then a new
+        epoch replaces it and running clients adopt it with a warning. State is kept.
+        """
+
+        def body(conn: sqlite3.Connection, now: float) -> str:
+            current = self._stored_epoch(conn)
+            if current is not None and not force:
+                raise StoreError(
+                    f"sqlite store `{self._path}` already has epoch `{current}`; "
+                    "use --force to replace it"
+                )
+            epoch = new_epoch(now)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('epoch', ?)", (epoch,)
+            )
+            return epoch
+
+        self._epoch = self._run("init_epoch", body, check=False)
+        return self._epoch
+
     # --- connection and transaction plumbing ---------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
+    def _lost(self, what: str) -> Exception:
+        return state_lost(f"sqlite store `{self._path}`", what, f"sqlite:{self._path}")
+
+    def _conn(self, create: bool = False) -> sqlite3.Connection:
         local = self._local
         if local.conn is not None and local.pid == os.getpid():
             return local.conn
+        # mode=rw never creates the file: a process must not open a fresh, empty store beside
+        # the connections that still hold a deleted one (split brain). Only initialize creates.
+        uri = Path(self._path).as_uri() + ("?mode=rwc" if create else "?mode=rw")
+        try:
+            before: os.stat_result | None = os.stat(self._path)
+        except FileNotFoundError:
+            if not create:
+                raise self._lost("the database file does not exist (deleted, or never "
+                                 "initialised)") from None
+            before = None
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the sqlite3
         # module never opens an implicit (deferred) transaction behind our back.
         conn = sqlite3.connect(
-            self._path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+            uri, timeout=self._timeout_s, isolation_level=None, check_same_thread=False, uri=True
         )
         try:
+            # stat before and after connecting: the same inode both times is the file we opened
+            # (sqlite3 gives no access to its file descriptor).
+            after = os.stat(self._path)
+            if before is not None and (before.st_dev, before.st_ino) != (
+                after.st_dev, after.st_ino
+            ):
+                raise self._lost("the database file was replaced while it was being opened")
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+        except FileNotFoundError:
+            conn.close()
+            raise self._lost("the database file was deleted while it was being opened") from None
         except BaseException:
             conn.close()
             raise
         local.conn, local.pid, local.last_purge = conn, os.getpid(), 0.0
+        local.inode = (after.st_dev, after.st_ino)
         with self._all_lock:
             self._all.append(conn)
         return conn
+
+    def _drop_conn(self) -> None:
+        """Close this thread's connection (it is on a file the path no longer names)."""
+        conn, self._local.conn = self._local.conn, None
+        if conn is None:
+            return
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def _same_file(self) -> None:
+        """Raise StoreStateLostError if the path is gone; reconnect if it names another file.
+
+        After a reconnect the epoch check decides: a fresh file has no epoch (lost), a file an
+        operator initialised has a new one (adopted with a warning).
+        """
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            raise self._lost("the database file does not exist (deleted, or never "
+                             "initialised)") from None
+        local = self._local
+        if local.conn is not None and local.pid == os.getpid() and local.inode != (
+            st.st_dev, st.st_ino
+        ):
+            log.warning("sqlite store %s: the file was replaced under this process; reopening",
+                        self._path)
+            self._drop_conn()
+
+    @staticmethod
+    def _stored_epoch(conn: sqlite3.Connection) -> str | None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None  # a file without our schema holds no epoch either
+            raise
+        return None if row is None else str(row[0])
+
+    def _check_epoch(self, conn: sqlite3.Connection) -> None:
+        """Inside the transaction: the epoch must be present; a new one is adopted."""
+        stored = self._stored_epoch(conn)
+        if stored is None:
+            raise self._lost("the store holds no epoch: its state was lost (file deleted or "
+                             "replaced) or it was never initialised")
+        if stored != self._epoch:
+            if self._epoch is not None:
+                log.warning(
+                    "sqlite store %s: epoch changed from %s to %s (re-initialised by an "
+                    "operator); adopting it", self._path, self._epoch, stored)
+            self._epoch = stored
 
     def _run(
         self,
@@ -174,19 +333,32 @@ class SqliteStore:
         body: Callable[[sqlite3.Connection, float], _T],
         *,
         write: bool = True,
+        check: bool = True,
+        create: bool = False,
     ) -> _T:
-        """Run ``body`` in one transaction; any SQLite error becomes StoreUnavailableError."""
+        """Run ``body`` in one transaction; any SQLite error becomes StoreUnavailableError.
+
+        ``check``: verify the file and its epoch first, in the same transaction.
+        """
         if self._closed:
             raise StoreError(f"sqlite store: `{op}` called after close()")
         try:
-            conn = self._conn()
+            if not create:
+                self._same_file()
+            conn = self._conn(create)
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             raise StoreUnavailableError(
                 f"sqlite store `{self._path}`: `{op}` could not start a transaction "
                 f"within {self._timeout_s}s: {exc}"
             ) from exc
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"sqlite store `{self._path}`: `{op}` could not open the file: {exc}"
+            ) from exc
         try:
+            if check:
+                self._check_epoch(conn)
             result = body(conn, self._clock())
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -199,7 +371,7 @@ class SqliteStore:
             raise
         return result
 
-    def _create_schema(self, conn: sqlite3.Connection, now: float) -> None:
+    def _open(self, conn: sqlite3.Connection, now: float) -> None:
         # Statement by statement: executescript() would COMMIT our BEGIN IMMEDIATE first.
         for statement in _SCHEMA.split(";"):
             if statement.strip():
@@ -208,11 +380,19 @@ class SqliteStore:
             "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
         )
         row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-        if row[0] != _SCHEMA_VERSION:
+        if row[0] == "1":
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
+        elif row[0] != _SCHEMA_VERSION:
             raise StoreError(
                 f"sqlite store `{self._path}` has schema version {row[0]}, "
                 f"this library needs {_SCHEMA_VERSION}"
             )
+        if self._initialize:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', ?)", (new_epoch(now),)
+            )
+        self._epoch = self._stored_epoch(conn)
 
     # --- internals (inside a write transaction) ------------------------------------------------
 
@@ -547,8 +727,8 @@ class SqliteStore:
 
         def body(conn: sqlite3.Connection, now: float) -> None:
             self._touch_session(conn, session, now)
-            (seq,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM value_labels WHERE session = ?", (session,)
+            count, seq = conn.execute(
+                "SELECT value_count, value_seq FROM sessions WHERE session = ?", (session,)
             ).fetchone()
             for digest, label in items:
                 seq += 1
@@ -556,15 +736,24 @@ class SqliteStore:
                     "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
                     (session, digest),
                 ).fetchone()
+                if row is None:
+                    count += 1
                 conn.execute(
                     "INSERT OR REPLACE INTO value_labels (session, digest, label, seq)"
                     " VALUES (?, ?, ?, ?)",
                     (session, digest, better_label(None if row is None else row[0], label), seq),
                 )
+            if count > max_values:
+                # Lowest rank first, oldest first within it (index value_labels_evict): the
+                # attacker's own untrusted content cannot push out request or trusted values.
+                count -= conn.execute(
+                    "DELETE FROM value_labels WHERE session = ? AND digest IN (SELECT digest"
+                    f" FROM value_labels WHERE session = ? ORDER BY {_RANK_SQL}, seq LIMIT ?)",
+                    (session, session, count - max_values),
+                ).rowcount
             conn.execute(
-                "DELETE FROM value_labels WHERE session = ? AND seq <= (SELECT seq FROM"
-                " value_labels WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (session, session, max_values),
+                "UPDATE sessions SET value_count = ?, value_seq = ? WHERE session = ?",
+                (count, seq, session),
             )
 
         self._run("add_values", body)

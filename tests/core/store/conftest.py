@@ -80,7 +80,9 @@ def make_store(
 ) -> Iterator[StoreFactory]:
     """Opens stores of one kind that share their backing state (same file / same prefix).
 
-    A memory store has no shared backing: every call returns the same instance.
+    The first store opened creates the state and its epoch (``initialize=True``); later ones
+    open it as a service would. A memory store has no shared backing: every call returns the
+    same instance.
     """
     opened: list[Store] = []
     memory: list[MemoryStore] = []
@@ -96,6 +98,8 @@ def make_store(
             if not memory:
                 memory.append(MemoryStore(**kwargs))
             return memory[0]
+        if not opened:
+            kwargs.setdefault("initialize", True)
         if store_kind == "sqlite":
             kwargs.setdefault("timeout_s", 10.0)
             store = SqliteStore(tmp_path / "store.db", **kwargs)

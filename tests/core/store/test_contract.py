@@ -397,6 +397,46 @@ def test_values_are_bounded_oldest_evicted(store: Store) -> None:
     }
 
 
+def test_a_flood_of_untrusted_values_never_evicts_request_or_trusted_values(
+    store: Store,
+) -> None:
+    """Issue 13 item 5: the attacker's own content must not push the user's targets out."""
+    requested = {f"req-{i}": "request" for i in range(20)}
+    trusted = {f"kb-{i}": "trusted" for i in range(20)}
+    store.add_values(CHILD, requested)
+    store.add_values(CHILD, trusted)
+    flood = [f"evil-{i}" for i in range(5000)]  # past the default bound of 4096
+    for start in range(0, len(flood), 500):
+        store.add_values(CHILD, {d: "untrusted" for d in flood[start:start + 500]})
+    assert dict(store.value_labels(CHILD, list(requested) + list(trusted))) == {
+        **requested,
+        **trusted,
+    }
+    kept = store.value_labels(CHILD, flood)
+    assert len(kept) == 4096 - 40  # the bound holds, paid for by untrusted values only
+    assert set(kept) == set(flood[-len(kept):])  # the oldest untrusted went first
+
+
+def test_values_are_evicted_untrusted_then_trusted_then_request_oldest_first(
+    store: Store,
+) -> None:
+    store.add_values(CHILD, {"r1": "request", "t1": "trusted", "u1": "untrusted"}, max_values=6)
+    store.add_values(CHILD, {"r2": "request", "t2": "trusted", "u2": "untrusted"}, max_values=6)
+    store.add_values(CHILD, {"u1": "trusted"}, max_values=6)  # upgraded: now the newest trusted
+    store.add_values(CHILD, {"r3": "request"}, max_values=6)  # 7 held: u2, the only untrusted
+    everything = ["r1", "r2", "r3", "t1", "t2", "u1", "u2"]
+    assert set(store.value_labels(CHILD, everything)) == {"r1", "r2", "r3", "t1", "t2", "u1"}
+    store.add_values(CHILD, {"r4": "request", "r5": "request"}, max_values=6)  # t1 then t2
+    assert set(store.value_labels(CHILD, [*everything, "r4", "r5"])) == {
+        "r1", "r2", "r3", "r4", "r5", "u1"
+    }
+    store.add_values(CHILD, {"r6": "request", "r7": "request"}, max_values=6)  # u1, then r1
+    assert set(store.value_labels(CHILD, [*everything, "r4", "r5", "r6", "r7"])) == {
+        "r2", "r3", "r4", "r5", "r6", "r7"
+    }
+    assert store.value_labels(CHILD, ["u1"]) == {}
+
+
 # --- approvals ---------------------------------------------------------------------------------
 
 

@@ -90,7 +90,7 @@ def test_redis_client_pause_fails_within_timeout_and_recovers(
     """
     import redis
 
-    store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=TIMEOUT_S)
+    store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=TIMEOUT_S, initialize=True)
     admin = redis.Redis.from_url(redis_url, socket_timeout=5.0)
     grant = "iss|paused"
     charges = ((grant, {"cost": 100}),)
@@ -124,7 +124,7 @@ def test_redis_client_pause_fails_within_timeout_and_recovers(
 def test_sqlite_lock_held_longer_than_timeout(tmp_path: Path) -> None:
     path = str(tmp_path / "locked.db")
     timeout_s = 0.3
-    store = SqliteStore(path, timeout_s=timeout_s)
+    store = SqliteStore(path, timeout_s=timeout_s, initialize=True)
     ctx = multiprocessing.get_context("spawn")
     locked = ctx.Event()
     holder = ctx.Process(target=hold_sqlite_lock, args=(path, 3.0, locked))
@@ -147,7 +147,7 @@ def test_sqlite_lock_held_longer_than_timeout(tmp_path: Path) -> None:
 
 def test_sqlite_unopenable_path_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailableError, match="`open`"):
-        SqliteStore(tmp_path / "no" / "such" / "dir" / "store.db")
+        SqliteStore(tmp_path / "no" / "such" / "dir" / "store.db", initialize=True)
 
 
 def test_redis_store_without_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,9 +64,11 @@ def race(kind: str, target: str, prefix: str) -> None:
 
 def test_budget_race_sqlite(tmp_path: Path) -> None:
     path = str(tmp_path / "race.db")
-    open_store("sqlite", path, "", timeout_s=5.0).close()  # create the schema once
+    # create the schema and epoch once
+    open_store("sqlite", path, "", timeout_s=5.0, initialize=True).close()
     race("sqlite", path, "")
 
 
 def test_budget_race_redis(redis_url: str, redis_prefix: str) -> None:
+    open_store("redis", redis_url, redis_prefix, timeout_s=5.0, initialize=True).close()
     race("redis", redis_url, redis_prefix)

@@ -24,7 +24,7 @@ def test_admit_is_a_single_evalsha_round_trip(redis_url: str, redis_prefix: str)
             return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
     client = Counting.from_url(redis_url, decode_responses=True, socket_timeout=5.0)
-    store = RedisStore(prefix=redis_prefix, client=client)
+    store = RedisStore(prefix=redis_prefix, client=client, initialize=True)
     try:
         charges = ((GRANT, {"cost": 100}), ("iss|parent", {"cost": 100}))
         store.admit(req("warm", charges=charges, amounts={"cost": 1}))  # loads the script once
@@ -46,10 +46,12 @@ def test_admit_is_a_single_evalsha_round_trip(redis_url: str, redis_prefix: str)
         client.close()
 
 
-def test_every_key_expires_except_the_two_indexes(redis_url: str, redis_prefix: str) -> None:
+def test_every_key_expires_except_the_epoch_and_the_two_indexes(
+    redis_url: str, redis_prefix: str
+) -> None:
     import redis
 
-    store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=5.0)
+    store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=5.0, initialize=True)
     admin = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         store.admit(
@@ -72,8 +74,11 @@ def test_every_key_expires_except_the_two_indexes(redis_url: str, redis_prefix: 
         assert len(keys) >= 12
         forever = [k for k in keys if admin.pttl(k) < 0]
         # r2 is still reserved (index "rexp") and req-1 pending (index "apx"): both indexes
-        # lose their members as they settle or expire, and then disappear.
-        assert sorted(forever) == [f"{redis_prefix}apx", f"{redis_prefix}rexp"]
+        # lose their members as they settle or expire, and then disappear. The epoch must
+        # never expire: its absence means "state lost" and denies every call.
+        assert sorted(forever) == [
+            f"{redis_prefix}apx", f"{redis_prefix}epoch", f"{redis_prefix}rexp"
+        ]
         store.release("r2")
         assert admin.exists(f"{redis_prefix}rexp") == 0
     finally:
@@ -82,8 +87,8 @@ def test_every_key_expires_except_the_two_indexes(redis_url: str, redis_prefix: 
 
 
 def test_prefixes_isolate_stores(redis_url: str, redis_prefix: str) -> None:
-    a = RedisStore(redis_url, prefix=f"{redis_prefix}a:")
-    b = RedisStore(redis_url, prefix=f"{redis_prefix}b:")
+    a = RedisStore(redis_url, prefix=f"{redis_prefix}a:", initialize=True)
+    b = RedisStore(redis_url, prefix=f"{redis_prefix}b:", initialize=True)
     try:
         a.charge([GRANT], {"cost": 10})
         a.revoke(GRANT, expires_at=2_000_000_000)
@@ -98,7 +103,7 @@ def test_client_without_decode_responses_works(redis_url: str, redis_prefix: str
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5.0)  # replies are bytes
-    store = RedisStore(prefix=redis_prefix, client=client)
+    store = RedisStore(prefix=redis_prefix, client=client, initialize=True)
     try:
         result = store.admit(req("r1", charges=((GRANT, {"cost": 10}),), amounts={"cost": 3}))
         assert dict(result.remaining) == {"cost": 7}
@@ -113,7 +118,7 @@ def test_client_without_decode_responses_works(redis_url: str, redis_prefix: str
 def test_large_amounts_stay_exact(redis_url: str, redis_prefix: str) -> None:
     """Lua numbers are doubles printed with 14 digits; the scripts must not lose precision."""
     big = 2**53 - 1
-    store = RedisStore(redis_url, prefix=redis_prefix)
+    store = RedisStore(redis_url, prefix=redis_prefix, initialize=True)
     try:
         store.charge([GRANT], {"cost": 123_456_789_012_345})
         assert store.remaining(GRANT, {"cost": big}) == {"cost": big - 123_456_789_012_345}

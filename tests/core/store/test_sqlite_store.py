@@ -13,7 +13,7 @@ from ._support import req
 
 def test_schema_is_idempotent_and_state_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    first = SqliteStore(path)
+    first = SqliteStore(path, initialize=True)
     first.charge(["iss|a"], {"cost": 40})
     first.close()
     second = SqliteStore(path)
@@ -29,7 +29,7 @@ def test_schema_is_idempotent_and_state_survives_reopening(tmp_path: Path) -> No
 
 
 def test_each_thread_gets_its_own_connection_and_close_closes_all(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
+    store = SqliteStore(tmp_path / "s.db", initialize=True)
     seen: list[int] = []
 
     def work() -> None:
@@ -50,7 +50,8 @@ def test_each_thread_gets_its_own_connection_and_close_closes_all(tmp_path: Path
 
 def test_stale_state_is_purged_after_state_ttl(tmp_path: Path) -> None:
     now = [1_000_000.0]
-    store = SqliteStore(tmp_path / "s.db", clock=lambda: now[0], state_ttl_s=100.0)
+    store = SqliteStore(tmp_path / "s.db", clock=lambda: now[0], state_ttl_s=100.0,
+                        initialize=True)
     try:
         store.admit(req("r1", session="iss|old", charges=(("iss|old", {}),), amounts={"cost": 5}))
         store.settle("r1", {})
