@@ -574,6 +574,140 @@ def approvals_deny(request_id: str, store: StoreOpt = "sqlite:aiam-store.db",
              keys=keys, approved=False)
 
 
+# --- store ------------------------------------------------------------------------------------
+
+store_app = typer.Typer(help="Initialise a shared store and check its epoch (state loss).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+PrefixOpt = Annotated[str, typer.Option(help="Redis key prefix of the store.")]
+
+# Redis settings that lose or evict state silently; `aiam store status` warns about each.
+_REDIS_RISKS = {
+    "appendonly": ("yes", "a restart loses everything since the last RDB snapshot; set "
+                   "`appendonly yes`"),
+    "maxmemory-policy": ("noeviction", "Redis may evict budgets and revocations under memory "
+                         "pressure without any error; set `maxmemory-policy noeviction`"),
+}
+
+
+def _shared_store(spec: str, prefix: str, *, initialize: bool = False) -> Any:
+    """A SQLite or Redis store for the `store` commands (a memory store has nothing to keep)."""
+    if spec == "memory":
+        _fail("a memory store lives and dies with its process: there is nothing to initialise "
+              "or check (use sqlite:PATH or redis://HOST:PORT/DB)")
+    if spec.startswith("sqlite:"):
+        from agentic_iam.core.store.sqlite import SqliteStore
+
+        return SqliteStore(spec.removeprefix("sqlite:"), initialize=initialize)
+    if spec.startswith(("redis://", "rediss://")):
+        from agentic_iam.core.store.redis import RedisStore
+
+        return RedisStore(spec, prefix=prefix, initialize=initialize)
+    raise ValueError(f"unknown store `{spec}`: use sqlite:PATH or redis://HOST:PORT/DB")
+
+
+def _shown_store(spec: str) -> str:
+    """The store spec to print: a Redis URL without its password."""
+    if spec.startswith(("redis://", "rediss://")):
+        from agentic_iam.core.store.redis import _safe_url
+
+        return _safe_url(spec)
+    return spec
+
+
+def _redis_warnings(store: Any) -> list[str]:
+    settings = store.persistence()
+    if not settings:
+        return ["could not read the server's persistence settings (CONFIG is disabled): make "
+                "sure `appendonly yes` and `maxmemory-policy noeviction` are set"]
+    return [f"{name} is `{settings.get(name)}`: {risk}"
+            for name, (wanted, risk) in _REDIS_RISKS.items() if settings.get(name) != wanted]
+
+
+@store_app.command("init")
+@friendly
+def store_init(
+    store: StoreOpt = "sqlite:aiam-store.db",
+    prefix: PrefixOpt = "aiam:",
+    force: Annotated[bool, typer.Option(help="Replace an existing epoch (running clients adopt "
+                                        "the new one, with a warning).")] = False,
+) -> None:
+    """Create the store's epoch, so that services may use it (after a state loss: a new one).
+
+    Refuses when the store already has an epoch, unless --force.
+    """
+    from agentic_iam.errors import StoreStateLostError
+
+    shown = _shown_store(store)
+    try:
+        backing = _shared_store(store, prefix)
+    except StoreStateLostError:  # no SQLite file: create it, with its epoch
+        created = _shared_store(store, prefix, initialize=True)
+        console.print(f"created {shown} with epoch {created.epoch}", highlight=False)
+        created.close()
+        return
+    try:
+        old = backing.read_epoch()
+        epoch = backing.init_epoch(force=force)
+        if old is None:
+            console.print(f"initialised {shown}: epoch {epoch}", highlight=False)
+        else:
+            console.print(f"replaced epoch {old} of {shown} with {epoch}", highlight=False)
+        if store.startswith(("redis://", "rediss://")):
+            for warning in _redis_warnings(backing):
+                err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    finally:
+        backing.close()
+
+
+@store_app.command("status")
+@friendly
+def store_status(
+    store: StoreOpt = "sqlite:aiam-store.db",
+    prefix: PrefixOpt = "aiam:",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+) -> None:
+    """Show the store's epoch: exit 0 when it has one, 1 when it lost its state (or was never
+    initialised); warn about Redis settings that can lose state."""
+    from agentic_iam.errors import StoreStateLostError
+
+    shown = _shown_store(store)
+    report: dict[str, Any] = {"store": shown, "epoch": None, "warnings": []}
+    try:
+        backing = _shared_store(store, prefix)
+    except StoreStateLostError as exc:
+        report["problem"] = str(exc)
+    else:
+        try:
+            report["epoch"] = backing.read_epoch()
+            if store.startswith(("redis://", "rediss://")):
+                report["prefix"] = prefix
+                report["warnings"] = _redis_warnings(backing)
+        finally:
+            backing.close()
+        if report["epoch"] is None:
+            report["problem"] = ("no epoch: the store lost its state or was never initialised; "
+                                 f"every call is denied until `aiam store init --store {shown}"
+                                 + (f" --prefix {prefix}`" if prefix != "aiam:" else "`"))
+    report["ok"] = report["epoch"] is not None
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        console.print(f"store  {shown}" + (f" (prefix {prefix})" if "prefix" in report else ""),
+                      highlight=False)
+        if report["ok"]:
+            console.print(f"epoch  {report['epoch']}", highlight=False)
+            console.print("state  [green]ok[/green]")
+        else:
+            console.print("epoch  none")
+            console.print(f"state  [red]lost or never initialised[/red]: {report['problem']}",
+                          highlight=False)
+        for warning in report["warnings"]:
+            err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 @friendly
 def demo(
