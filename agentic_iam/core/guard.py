@@ -171,8 +171,8 @@ class Guard:
         # Allowed calls waiting for screen/complete, keyed by a ticket the Guard issues: a key the
         # model or framework chose (a call id) could be reused to take over another call's state.
         self._pending: dict[str, _Pending] = {}
-        # (session key, call id) of every call id that was allowed (or is being decided): a call
-        # id is single-use per execution. Bounded; the oldest are forgotten first.
+        # (execution key, call id) of every call id that was allowed (or is being decided): a
+        # call id is single-use per execution. Bounded; the oldest are forgotten first.
         self._used_calls: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Executions whose spend could not be recorded: they may not make another call.
         self._suspended: dict[str, str] = {}
