@@ -49,6 +49,8 @@ WARMUP = 300
 BLOCK = 100
 BLOCKS = 20
 TARGET_RATIO = 1.25
+# Every case is called with a running counter (warm-up, then every block of every case).
+_SAMPLES = WARMUP + BLOCKS * BLOCK * 8
 
 
 OUTPUT = "kb results for double charge: refunds under 100 USD need no approval"
@@ -143,7 +145,8 @@ def _cases() -> dict[str, Callable[[int], Any]]:
     wrapped: BaseTool = guard_tools([search_kb], guard, token)[0]
     noop_wrapped: BaseTool = guard_tools([search_kb], noop, token)[0]
     # The model's message exists before the tool node runs: build the requests outside timing.
-    requests = [_request(_tool_call(i), context) for i in range(BLOCK)]
+    # One request (and call id) per sample: the Guard refuses a call id used before.
+    requests = [_request(_tool_call(i, "m"), context) for i in range(_SAMPLES)]
 
     def guard_only(i: int) -> Any:
         decision = guard.authorize(token, ToolCall(
@@ -156,17 +159,17 @@ def _cases() -> dict[str, Callable[[int], Any]]:
     return {
         "bare tool.invoke(ToolCall)": lambda i: search_kb.invoke(_tool_call(i)),
         "GuardMiddleware.wrap_tool_call -> tool.invoke": (
-            lambda i: middleware.wrap_tool_call(requests[i % BLOCK], _execute)),
-        "guard_tools(...) tool.invoke(ToolCall)": lambda i: wrapped.invoke(_tool_call(i)),
+            lambda i: middleware.wrap_tool_call(requests[i], _execute)),
+        "guard_tools(...) tool.invoke(ToolCall)": lambda i: wrapped.invoke(_tool_call(i, "w")),
         "guard only (authorize+screen+complete)": guard_only,
         "adapter alone: middleware, no-op Guard": (
-            lambda i: noop_middleware.wrap_tool_call(requests[i % BLOCK], _execute)),
+            lambda i: noop_middleware.wrap_tool_call(requests[i], _execute)),
         "adapter alone: guard_tools, no-op Guard": lambda i: noop_wrapped.invoke(_tool_call(i)),
     }
 
 
-def _tool_call(i: int) -> dict[str, Any]:
-    return {"name": "search_kb", "args": {"query": "double charge"}, "id": f"c{i}",
+def _tool_call(i: int, prefix: str = "c") -> dict[str, Any]:
+    return {"name": "search_kb", "args": {"query": "double charge"}, "id": f"{prefix}{i}",
             "type": "tool_call"}
 
 
