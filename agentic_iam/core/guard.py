@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from agentic_iam.core.approvals import (
     ApprovalManager,
@@ -44,6 +44,7 @@ from agentic_iam.core.firewall import (
     ValueIndex,
 )
 from agentic_iam.core.identity import AgentSpec, ExecutionIdentity, ToolSpec
+from agentic_iam.core.mediation import Mediated, Mediator
 from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest, unverified_arguments
 from agentic_iam.core.recipients import (
     INVALID_DOMAIN,
@@ -78,6 +79,8 @@ _MAX_USED_CALL_IDS = 200_000
 _SETTLE_ATTEMPTS = 3
 
 TokenLike = str | ExecutionToken | ExecutionIdentity
+T = TypeVar("T")
+R = TypeVar("R")
 _TOKEN_CODES: dict[type[TokenError], str] = {
     ExpiredTokenError: "token.expired",
     RevokedTokenError: "token.revoked",
@@ -179,6 +182,7 @@ class Guard:
         self._lock = threading.Lock()
         self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
         self._seeded: OrderedDict[str, None] = OrderedDict()
+        self._mediator = Mediator(self)
         #: Counters for tests and operators: decisions by outcome.
         self.stats: dict[str, int] = {"allow": 0, "deny": 0, "approval_required": 0}
 
@@ -191,8 +195,14 @@ class Guard:
 
     # --- authorize ----------------------------------------------------------------------
 
-    def authorize(self, token: TokenLike, call: ToolCall) -> Decision:
-        """Decide one call. Never raises: every failure is a deny with a reason."""
+    def authorize(self, token: TokenLike, call: ToolCall, *,
+                  agent_id: str | None = None) -> Decision:
+        """Decide one call. Never raises: every failure is a deny with a reason.
+
+        ``agent_id``: the registry agent the calling enforcement point guards; a token of
+        another agent is refused (``identity.agent_mismatch``), so a sub-agent never runs under
+        its parent's grant.
+        """
         call_id = call.call_id or "call_" + secrets.token_hex(8)
         if call.call_id != call_id:
             call = replace(call, call_id=call_id)
@@ -200,7 +210,7 @@ class Guard:
         reservation: str | None = None
         claimed: list[tuple[str, str]] = []
         try:
-            decision, reservation = self._authorize(token, call, audit, claimed)
+            decision, reservation = self._authorize(token, call, audit, claimed, agent_id)
         except Exception as exc:  # fail closed, whatever failed
             log.warning("guard step failed for `%s`: %s", call.name, type(exc).__name__)
             if reservation is not None:
@@ -248,7 +258,8 @@ class Guard:
         return self.verifier.verify(raw, check_revocation=False)
 
     def _authorize(self, token: TokenLike, call: ToolCall, audit: dict[str, Any],
-                   claimed: list[tuple[str, str]]) -> tuple[Decision, str | None]:
+                   claimed: list[tuple[str, str]],
+                   agent_id: str | None = None) -> tuple[Decision, str | None]:
         # 1. token
         try:
             identity = self._identity(token)
@@ -257,6 +268,11 @@ class Guard:
                         "token.invalid")
             return self._deny(call, code, str(exc), audit), None
         self._identity_audit(identity, audit)
+        if agent_id is not None and identity.agent_id != agent_id:
+            return self._deny(call, "identity.agent_mismatch",
+                              f"this run's execution identity belongs to agent "
+                              f"`{identity.agent_id}`, not to `{agent_id}`; a sub-agent needs "
+                              f"its own delegated identity", audit, identity), None
         suspended = self._suspension(identity)
         if suspended is not None:
             return self._deny(call, "execution.suspended", suspended, audit, identity), None
@@ -834,33 +850,47 @@ class Guard:
 
     # --- one-call helpers for adapters and direct use --------------------------------------
 
-    def call(self, token: TokenLike, call: ToolCall, fn: Callable[..., Any]) -> Screened:
-        """Authorize, run ``fn(**checked_arguments)`` only on allow, screen, complete.
+    def mediate(self, token: TokenLike | None, call: ToolCall,
+                run: Callable[[dict[str, Any]], T], *,
+                screen: Callable[[T, Callable[[object], Screened]], R] | None = None,
+                failed: Callable[[T], bool] | None = None,
+                ask: Callable[[dict[str, Any]], object] | None = None,
+                paused: Callable[[BaseException], bool] | None = None,
+                agent_id: str | None = None) -> Mediated[R]:
+        """The one mediation path: authorize → approval → run → screen → complete.
 
-        Raises :class:`AuthorizationDenied` on deny or approval_required.
+        See :mod:`agentic_iam.core.mediation` for each argument. Adapters and gateways call
+        this (or :meth:`amediate`) and only translate their framework's types. Returns a
+        :class:`Mediated`; raises only what ``run`` or ``ask`` raised (after settling).
         """
-        decision = self.enforce(token, call)
-        try:
-            output = fn(**decision.arguments)
-        except Exception:
-            self.complete(decision, "error")
-            raise
-        screened = self.screen(decision, output)
-        self.complete(decision, "success")
-        return screened
+        return self._mediator.mediate(token, call, run, screen=screen, failed=failed, ask=ask,
+                                      paused=paused, agent_id=agent_id)
+
+    async def amediate(self, token: TokenLike | None, call: ToolCall,
+                       run: Callable[[dict[str, Any]], Awaitable[T]], *,
+                       screen: Callable[[T, Callable[[object], Screened]], R] | None = None,
+                       failed: Callable[[T], bool] | None = None,
+                       ask: Callable[[dict[str, Any]], object] | None = None,
+                       paused: Callable[[BaseException], bool] | None = None,
+                       agent_id: str | None = None) -> Mediated[R]:
+        """Async :meth:`mediate`: ``run`` returns an awaitable; ``ask`` may return one."""
+        return await self._mediator.amediate(token, call, run, screen=screen, failed=failed,
+                                             ask=ask, paused=paused, agent_id=agent_id)
+
+    def call(self, token: TokenLike, call: ToolCall, fn: Callable[..., Any]) -> Screened:
+        """Mediate ``fn(**checked_arguments)``; raise :class:`AuthorizationDenied` unless it ran.
+
+        No approval is waited for (use :meth:`mediate` with ``ask``): ``approval_required``
+        raises like a deny.
+        """
+        done = self.mediate(token, call, lambda args: fn(**args), screen=_keep_screened)
+        return _screened_or_raise(done)
 
     async def acall(self, token: TokenLike, call: ToolCall,
                     fn: Callable[..., Awaitable[Any]]) -> Screened:
         """Async variant of :meth:`call`."""
-        decision = self.enforce(token, call)
-        try:
-            output = await fn(**decision.arguments)
-        except Exception:
-            self.complete(decision, "error")
-            raise
-        screened = self.screen(decision, output)
-        self.complete(decision, "success")
-        return screened
+        done = await self.amediate(token, call, lambda args: fn(**args), screen=_keep_screened)
+        return _screened_or_raise(done)
 
     # --- audit plumbing -----------------------------------------------------------------
 
@@ -968,6 +998,20 @@ def _least_trusted(labels: Mapping[str, str], digests: Iterable[str | None]) -> 
     found = [labels.get(d, "unknown") if d else "unknown" for d in digests] or ["unknown"]
     return min(found, key=lambda label: _LABEL_ORDER.index(label)
                if label in _LABEL_ORDER else 0)
+
+
+def _keep_screened(output: object, screen_text: Callable[[object], Screened]) -> Screened:
+    return screen_text(output)
+
+
+def _screened_or_raise(done: Mediated[Screened]) -> Screened:
+    if done.status == "refused":
+        raise AuthorizationDenied(done.decision)
+    if done.value is None:  # blocked: the output could not be screened
+        result = ScreenResult(text=done.refusal or "", findings=(), risk=0,
+                              labels=frozenset({"screen_failed"}), blocked=True, redactions=())
+        return Screened(result.text, result)
+    return done.value
 
 
 def _to_text(output: object) -> str:

@@ -1,0 +1,367 @@
+"""The one mediation path (ARCHITECTURE §8): authorize → approval → run → screen → complete.
+
+Every enforcement point — each framework adapter, the HTTP gateway, the MCP gateway — calls
+:meth:`Guard.mediate` (or :meth:`Guard.amediate`) and only translates its framework's call and
+result types and its native way of refusing or pausing. What happens here, once:
+
+1. **Authorize** the call (a run without a token is decided and recorded too: refused).
+2. **Approval**: the Guard's own approver answers inside ``authorize``; otherwise ``ask`` — the
+   framework's way of asking a human (a LangGraph ``interrupt``, a workflow wait) — gets the
+   :func:`approval_payload` and returns the answer, which is recorded against the accountable
+   approver before the call is authorized again; or it raises the framework's pause exception,
+   which propagates (nothing ran, nothing to settle). Without ``ask`` the call is refused with the
+   approval message and the request stays pending.
+3. **Run** the tool with the Guard's checked copy of the arguments. An exception that means
+   "paused, will be replayed" cancels the call (reservation and call id given back); any other
+   exception is charged as an error and re-raised: the tool may have had its side effect.
+4. **Screen** every piece of text the model will see; output that cannot be screened is withheld.
+5. **Complete**: settle the budget and record the result (``error`` when the tool reported one).
+
+Exactly once: a call id that already ran in this execution with the same tool and arguments is
+not run again; the earlier outcome is returned (status ``replayed``). Frameworks replay the sibling
+calls of a model turn when a paused run resumes, and a refund must not be paid twice.
+
+What it must never do: run a tool without an ``allow`` decision for that exact call, run it with
+arguments other than the checked copy, hand the model unscreened output, or let an error become
+an allow.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from agentic_iam.core.approvals import ApproverLike, call_binding
+from agentic_iam.core.decision import Decision, ToolCall
+from agentic_iam.core.identity import Human
+from agentic_iam.errors import AgenticIAMError
+
+if TYPE_CHECKING:
+    from agentic_iam.core.guard import Guard, Screened, TokenLike
+
+__all__ = [
+    "ApprovalAnswer",
+    "Mediated",
+    "approval_payload",
+    "current_decision",
+    "parse_answer",
+]
+
+log = logging.getLogger("agentic_iam.mediation")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: How many times one call may be answered and still need approval before it is refused.
+APPROVAL_ROUNDS = 3
+#: How many completed calls (per process) are remembered so that a replay does not run them.
+_REMEMBERED_RESULTS = 4096
+
+NO_IDENTITY = ("The call to `{tool}` was refused by the access layer and was not run. Reason: "
+               "this run carries no execution identity.")
+SCREEN_FAILED = "[agentic-iam: tool output blocked: screening failed]"
+
+Status = Literal["ran", "blocked", "refused", "replayed"]
+
+
+@dataclass(frozen=True)
+class ApprovalAnswer:
+    """A human's answer to an approval request."""
+
+    approved: bool
+    """Whether the call may run."""
+    approver: ApproverLike
+    """Who answered: a :class:`Human` verified by an IdP, or a configured approver id."""
+
+
+@dataclass(frozen=True)
+class Mediated(Generic[R]):
+    """What came of one mediated call."""
+
+    decision: Decision
+    """The final decision for the call."""
+    status: Status
+    """``ran`` (the tool ran, ``value`` is what the model sees), ``blocked`` (the tool ran but
+    its output could not be screened and is withheld), ``refused`` (the tool did not run) or
+    ``replayed`` (an earlier run of this exact call; the tool did not run again)."""
+    value: R | None = None
+    """The screened result, for ``ran`` and ``replayed``."""
+    refusal: str | None = None
+    """The text for the model, for ``refused`` and ``blocked``."""
+    tool_failed: bool = False
+    """The tool ran and reported a failure (settled as ``error``)."""
+
+    @property
+    def ran(self) -> bool:
+        """The tool ran in this mediation (its spend is charged)."""
+        return self.status in ("ran", "blocked")
+
+    @property
+    def refused(self) -> bool:
+        return self.status == "refused"
+
+
+def parse_answer(answer: object) -> ApprovalAnswer | None:
+    """An approval answer from what a framework's resume carried, or ``None`` if not one.
+
+    Accepted: :class:`ApprovalAnswer`, ``{"approved": bool, "approver": str | Human}``, or a
+    bare ``bool`` (it names nobody: the approver ``human``, which the Guard refuses unless it is
+    a configured approver).
+    """
+    if isinstance(answer, ApprovalAnswer):
+        return answer
+    if isinstance(answer, bool):
+        return ApprovalAnswer(answer, "human")
+    if isinstance(answer, Mapping):
+        approved = answer.get("approved")
+        approver = answer.get("approver", "human")
+        if isinstance(approver, str):
+            approver = approver.strip()
+        if type(approved) is bool and (isinstance(approver, Human) or
+                                       (isinstance(approver, str) and approver)):
+            return ApprovalAnswer(approved, approver)
+    return None
+
+
+def approval_payload(call: ToolCall, decision: Decision) -> dict[str, Any]:
+    """What a human is shown for an approval: the call, its approval id, why. Never a token."""
+    try:
+        arguments = json.loads(json.dumps(dict(call.arguments), default=str))
+    except (TypeError, ValueError):
+        arguments = {}
+    return {
+        "type": "agentic_iam.approval",
+        "approval_id": decision.approval_id,
+        "tool": call.name,
+        "call_id": decision.call_id or call.call_id,
+        "arguments": arguments,
+        "action": decision.action,
+        "execution_id": decision.execution_id,
+        "reason": decision.reasons[0].message if decision.reasons else "",
+        "policy_ids": list(decision.policy_ids),
+        "resume_with": {"approved": "bool", "approver": "str"},
+    }
+
+
+_RUNNING: ContextVar[Decision | None] = ContextVar("agentic_iam_running", default=None)
+
+
+def current_decision() -> Decision | None:
+    """The allowed decision whose tool is running in this context, or ``None``.
+
+    Set around ``run`` by :meth:`Guard.mediate`; a tool wrapper that finds no decision (or one
+    for another tool or other arguments) is running outside the mediation path.
+    """
+    return _RUNNING.get()
+
+
+@contextmanager
+def _running(decision: Decision) -> Iterator[None]:
+    reset = _RUNNING.set(decision)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(reset)
+
+
+class Mediator:
+    """The mediation path for one Guard (the Guard's ``mediate`` and ``amediate``)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self._results: OrderedDict[tuple[str, str], tuple[str, Mediated[Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- exactly once ---------------------------------------------------------------------
+
+    def _replay_key(self, token: TokenLike | None, call: ToolCall) -> tuple[str, str, str] | None:
+        """(execution, call id, call binding) of a call that may have run before, or None."""
+        if token is None or not call.call_id or not self._results:
+            return None
+        try:
+            identity = self.guard._identity(token)
+            binding = call_binding(identity.execution_id, call.name, call.arguments)
+        except Exception:  # authorize decides (and records) what is wrong with it
+            return None
+        return identity.key, call.call_id, binding
+
+    def _replayed(self, key: tuple[str, str, str] | None) -> Mediated[Any] | None:
+        if key is None:
+            return None
+        with self._lock:
+            found = self._results.get(key[:2])
+        if found is None or found[0] != key[2]:
+            return None  # a reused id for another call: authorize refuses it (`call.reused`)
+        earlier = found[1]
+        log.info("call %s already ran in this execution; its earlier result is returned",
+                 key[1])
+        return Mediated(earlier.decision, "replayed", earlier.value, earlier.refusal,
+                        earlier.tool_failed)
+
+    def _remember(self, token: TokenLike | None, call: ToolCall, decision: Decision,
+                  done: Mediated[Any]) -> None:
+        if token is None or not decision.call_id:
+            return
+        try:
+            identity = self.guard._identity(token)
+            binding = call_binding(identity.execution_id, call.name, call.arguments)
+        except Exception:  # the token may have ended meanwhile: nothing to replay
+            return
+        with self._lock:
+            self._results[(identity.key, decision.call_id)] = (binding, done)
+            while len(self._results) > _REMEMBERED_RESULTS:
+                self._results.popitem(last=False)
+
+    # --- decide (with the approval loop) ------------------------------------------------
+
+    def _decide_first(self, token: TokenLike | None, call: ToolCall,
+                      agent_id: str | None) -> Decision:
+        return self.guard.authorize(token if token is not None else "", call, agent_id=agent_id)
+
+    def _after_answer(self, token: TokenLike | None, call: ToolCall, decision: Decision,
+                      answer: object, agent_id: str | None) -> Decision | str:
+        parsed = parse_answer(answer)
+        if parsed is None:
+            return (f"The approval answer for `{call.name}` was not understood, so the call "
+                    f"was not run.")
+        try:
+            self.guard.resolve_approval(decision.approval_id or "", approved=parsed.approved,
+                                        approver=parsed.approver)
+        except AgenticIAMError as exc:
+            log.warning("approval %s could not be recorded: %s", decision.approval_id, exc)
+            return (f"The approval for `{call.name}` could not be recorded ({exc}), so the "
+                    f"call was not run.")
+        if not parsed.approved:
+            return (f"A human declined the call to `{call.name}`; it was not run. Do not retry "
+                    f"the same call.")
+        return self._decide_first(token, call, agent_id)
+
+    @staticmethod
+    def _refusal(token: TokenLike | None, decision: Decision) -> Mediated[Any]:
+        text = NO_IDENTITY.format(tool=decision.tool) if token is None \
+            else decision.model_message()
+        return Mediated(decision, "refused", refusal=text)
+
+    def _needs_asking(self, token: TokenLike | None, decision: Decision, rounds: int,
+                      has_ask: bool) -> Mediated[Any] | None:
+        """None when ``ask`` should be called for this decision, else the refusal."""
+        if not has_ask or decision.approval_id is None or token is None:
+            return self._refusal(token, decision)
+        if rounds >= APPROVAL_ROUNDS:
+            return Mediated(decision, "refused",
+                            refusal=f"The call to `{decision.tool}` still needs approval after "
+                                    f"{rounds} answers and was not run.")
+        return None
+
+    # --- after the run ------------------------------------------------------------------
+
+    def _finish(self, decision: Decision, output: Any,
+                screen: Callable[[Any, Callable[[object], Screened]], Any] | None,
+                failed: Callable[[Any], bool] | None) -> Mediated[Any]:
+        guard = self.guard
+        tool_failed = False
+        try:
+            tool_failed = bool(failed(output)) if failed is not None else False
+            if screen is None:
+                value: Any = guard.screen(decision, output).text
+            else:
+                value = screen(output, lambda part: guard.screen(decision, part))
+        except Exception as exc:  # output that cannot be screened is withheld
+            log.warning("screening `%s` failed: %s", decision.tool, type(exc).__name__)
+            guard.complete(decision, "error")
+            return Mediated(decision, "blocked", refusal=SCREEN_FAILED, tool_failed=tool_failed)
+        guard.complete(decision, "error" if tool_failed else "success")
+        return Mediated(decision, "ran", value=value, tool_failed=tool_failed)
+
+    def _raised(self, decision: Decision, exc: BaseException,
+                paused: Callable[[BaseException], bool] | None) -> None:
+        try:
+            is_pause = paused is not None and paused(exc)
+        except Exception:  # cannot tell: the tool may have had its effect; charge it
+            is_pause = False
+        if is_pause:
+            self.guard.cancel(decision)
+        else:
+            self.guard.complete(decision, "error")
+
+    # --- the two paths ------------------------------------------------------------------
+
+    def mediate(self, token: TokenLike | None, call: ToolCall,
+                run: Callable[[dict[str, Any]], T], *,
+                screen: Callable[[T, Callable[[object], Screened]], R] | None = None,
+                failed: Callable[[T], bool] | None = None,
+                ask: Callable[[dict[str, Any]], object] | None = None,
+                paused: Callable[[BaseException], bool] | None = None,
+                agent_id: str | None = None) -> Mediated[R]:
+        key = self._replay_key(token, call)
+        replayed = self._replayed(key)
+        if replayed is not None:
+            return replayed
+        decision = self._decide_first(token, call, agent_id)
+        rounds = 0
+        while decision.outcome == "approval_required":
+            refused = self._needs_asking(token, decision, rounds, ask is not None)
+            if refused is not None:
+                return refused
+            assert ask is not None
+            answer = ask(approval_payload(call, decision))
+            after = self._after_answer(token, call, decision, answer, agent_id)
+            if isinstance(after, str):
+                return Mediated(decision, "refused", refusal=after)
+            decision, rounds = after, rounds + 1
+        if not decision.allowed:
+            return self._refusal(token, decision)
+        try:
+            with _running(decision):
+                output = run(dict(decision.arguments))
+        except BaseException as exc:
+            self._raised(decision, exc, paused)
+            raise
+        done: Mediated[R] = self._finish(decision, output, screen, failed)
+        self._remember(token, call, decision, done)
+        return done
+
+    async def amediate(self, token: TokenLike | None, call: ToolCall,
+                       run: Callable[[dict[str, Any]], Awaitable[T]], *,
+                       screen: Callable[[T, Callable[[object], Screened]], R] | None = None,
+                       failed: Callable[[T], bool] | None = None,
+                       ask: Callable[[dict[str, Any]], object] | None = None,
+                       paused: Callable[[BaseException], bool] | None = None,
+                       agent_id: str | None = None) -> Mediated[R]:
+        key = self._replay_key(token, call)
+        replayed = self._replayed(key)
+        if replayed is not None:
+            return replayed
+        decision = self._decide_first(token, call, agent_id)
+        rounds = 0
+        while decision.outcome == "approval_required":
+            refused = self._needs_asking(token, decision, rounds, ask is not None)
+            if refused is not None:
+                return refused
+            assert ask is not None
+            answer = ask(approval_payload(call, decision))
+            if inspect.isawaitable(answer):
+                answer = await answer
+            after = self._after_answer(token, call, decision, answer, agent_id)
+            if isinstance(after, str):
+                return Mediated(decision, "refused", refusal=after)
+            decision, rounds = after, rounds + 1
+        if not decision.allowed:
+            return self._refusal(token, decision)
+        try:
+            with _running(decision):
+                output = await run(dict(decision.arguments))
+        except BaseException as exc:
+            self._raised(decision, exc, paused)
+            raise
+        done: Mediated[R] = self._finish(decision, output, screen, failed)
+        self._remember(token, call, decision, done)
+        return done
