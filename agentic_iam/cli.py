@@ -1,4 +1,4 @@
-"""The ``aiam`` command: keys, agents, delegation, tokens, policies, approvals, audit, demo.
+"""The ``aiam`` command: init, keys, agents, delegation, tokens, policies, approvals, audit, demo.
 
 Wrong input gives one clear line on stderr and a non-zero exit, never a traceback. Tokens are
 printed only by the commands whose job is to print them (``delegate``, ``subdelegate``).
@@ -103,19 +103,9 @@ def _keyset(path: Path) -> Any:
 
 def open_store(spec: str) -> Any:
     """A store from ``memory``, ``sqlite:PATH`` or ``redis://…``."""
-    if spec == "memory":
-        from agentic_iam.core.store.memory import MemoryStore
+    from agentic_iam.project import open_store as _open
 
-        return MemoryStore()
-    if spec.startswith("sqlite:"):
-        from agentic_iam.core.store.sqlite import SqliteStore
-
-        return SqliteStore(spec.removeprefix("sqlite:"))
-    if spec.startswith(("redis://", "rediss://")):
-        from agentic_iam.core.store.redis import RedisStore
-
-        return RedisStore(spec)
-    raise ValueError(f"unknown store `{spec}`: use memory, sqlite:PATH or redis://HOST:PORT/DB")
+    return _open(spec)
 
 
 def _default_keys() -> Path:
@@ -426,7 +416,8 @@ def token_verify(
 # --- policy -----------------------------------------------------------------------------------
 
 PoliciesArg = Annotated[Path | None, typer.Argument(
-    help="Policy directory [default: the bundled policies/].")]
+    help="Policy directory [default: the project's, in a folder made by `aiam init`; else the "
+    "bundled policies/].")]
 
 
 @policy_app.command("schema")
@@ -445,14 +436,31 @@ def policy_schema(registry: RegistryOpt = None,
         print(text)
 
 
+def _policy_inputs(path: Path | None, registry: Path | None
+                   ) -> tuple[Path, Any, Path | None]:
+    """The policy folder, registry and schema to check: the project's (`aiam init`) when run in
+    its folder or given its `policies/` without --registry; else the bundled demo's."""
+    from agentic_iam.project import CONFIG_FILE, read_config
+
+    if registry is None:
+        candidates = [Path(CONFIG_FILE)] if path is None else [path.parent / CONFIG_FILE,
+                                                               path / CONFIG_FILE]
+        for candidate in candidates:
+            if candidate.is_file():
+                config = read_config(candidate)
+                if path is None or path.resolve() in (config.policies, config.file.parent):
+                    return config.policies, _registry(config.registry), config.schema
+    return path or default_policies_dir(), _registry(registry), None
+
+
 @policy_app.command("validate")
 @friendly
 def policy_validate(path: PoliciesArg = None, registry: RegistryOpt = None) -> None:
     """Parse every policy and validate it against the schema."""
     from agentic_iam.core.policy.cedar import CedarEngine
 
-    directory = path or default_policies_dir()
-    engine = CedarEngine.from_directory(directory, _registry(registry))
+    directory, reg, schema = _policy_inputs(path, registry)
+    engine = CedarEngine.from_directory(directory, reg, schema_path=schema)
     console.print(f"valid: {engine.policy_count} policies in {directory}")
 
 
@@ -463,9 +471,8 @@ def policy_test(path: PoliciesArg = None, registry: RegistryOpt = None) -> None:
     from agentic_iam.core.policy.cedar import CedarEngine
     from agentic_iam.core.policy.fixtures import load_fixtures, run_fixture
 
-    directory = path or default_policies_dir()
-    reg = _registry(registry)
-    engine = CedarEngine.from_directory(directory, reg)
+    directory, reg, schema = _policy_inputs(path, registry)
+    engine = CedarEngine.from_directory(directory, reg, schema_path=schema)
     failures = 0
     fixtures = load_fixtures(directory)
     for fixture in fixtures:
@@ -706,6 +713,40 @@ def store_status(
             err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+@app.command("init")
+@friendly
+def init(
+    directory: Annotated[Path, typer.Argument(help="The project folder to create.")] = Path("."),
+    agent: Annotated[str, typer.Option("--agent", help="The id of the sample agent (the "
+                                       "`agent_id` you give `protect`).")] = "support-agent",
+    force: Annotated[bool, typer.Option(help="Write into a folder that is not empty, "
+                                        "overwriting the project files (keeps a key file).")]
+    = False,
+) -> None:
+    """Write a working project: agents.yaml, policies/ (with tests), signing keys, aiam.yaml.
+
+    Load it with `agentic_iam.load(DIR)`. Refuses a folder that is not empty unless --force.
+    """
+    from agentic_iam.project import init_project
+
+    done = init_project(directory, agent_id=agent, force=force)
+    where = done.directory
+    console.print(f"wrote {len(done.files)} files in [bold]{where}[/bold]:", highlight=False)
+    for name in done.files:
+        console.print(f"  {name}", highlight=False)
+    for name in done.kept:
+        console.print(f"  {name} (kept)", highlight=False)
+    console.print("\nnext, guard your agent (then run it inside `with iam.delegate(user, "
+                  "purpose, capabilities):`):", highlight=False)
+    console.print(f"  iam = agentic_iam.load({json.dumps(str(where))})", highlight=False,
+                  markup=False)
+    console.print(f"  agent = iam.protect(agent, agent_id={json.dumps(agent)})",
+                  highlight=False, markup=False)
+    shown = "" if str(where) == "." else f"cd {where} && "
+    console.print(f"check the policies after each change: {shown}aiam policy test",
+                  highlight=False, markup=False)
 
 
 @app.command("demo")
