@@ -324,6 +324,8 @@ def _product() -> dict[str, str]:
 
 
 def _api_activity(event: AuditEvent) -> tuple[int, str]:
+    if event.event_type == "memory.retrieved":
+        return 2, "Read"
     if event.event_type.startswith("tool_call.") and event.action:
         verb = event.action.rsplit(":", 1)[-1].lower()
         return _VERBS.get(verb, (99, "Other"))
@@ -356,6 +358,11 @@ def _status(event: AuditEvent) -> tuple[int, int, str]:
         return 1, 2, detail
     if kind == "execution.suspended":
         return 2, 3, detail or "execution suspended"
+    if kind == "memory.retrieved" and event.memory is not None:
+        if event.memory.reason is not None:
+            return 2, 3, event.memory.reason
+        if event.memory.dropped_count:
+            return 1, 2, f"{event.memory.dropped_count} item(s) outside the memory scopes withheld"
     if kind == "delegation.refused":
         return 2, 3, detail or "delegation refused"
     return 1, 1, detail

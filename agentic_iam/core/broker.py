@@ -84,6 +84,23 @@ def _sub_purpose(requested: object, inherited: str | None) -> str | None:
     return requested
 
 
+def _memory_scopes(requested: Iterable[str] | None, allowed: frozenset[str],
+                   whose: str) -> frozenset[str] | str:
+    """The memory scopes to grant (``allowed`` by default, or the request if within it), or
+    why the request cannot be granted."""
+    if requested is None:
+        return allowed
+    if isinstance(requested, str):
+        return "memory_scopes must be a collection of scope names, not one string"
+    scopes = frozenset(requested)
+    if any(not isinstance(s, str) or not s for s in scopes):
+        return "memory scopes must be non-empty strings"
+    outside = sorted(scopes - allowed)
+    if outside:
+        return f"memory scopes {', '.join(f'`{s}`' for s in outside)} are outside {whose}"
+    return scopes
+
+
 def _budget(value: Budget | Mapping[str, int | None] | None) -> Budget | None:
     if value is None or isinstance(value, Budget):
         return value
@@ -311,17 +328,19 @@ class DelegationBroker:
         risk: int | None = None,
         *,
         depth: int = 1,
+        memory_scopes: Iterable[str] | None = None,
     ) -> ExecutionToken:
         """Mint an execution token for ``agent`` on behalf of ``delegator``.
 
-        Every refusal raises a :class:`DelegationError` and is recorded as
-        ``delegation.refused``.
+        ``memory_scopes``: what the run may read; default the agent's registry scopes, and
+        never more than them. Every refusal raises a :class:`DelegationError` and is recorded
+        as ``delegation.refused``.
         """
         principal: Principal | None = None
         try:
             principal = self._resolve_delegator(delegator)
             return self._delegate(principal, agent, purpose, capabilities, ttl, budget, risk,
-                                  depth)
+                                  depth, memory_scopes)
         except DelegationError as exc:
             self._refused(exc, agent=agent, delegator=principal.id if principal else None)
             raise
@@ -329,8 +348,12 @@ class DelegationBroker:
     def _delegate(self, principal: Principal, agent: str, purpose: str,
                   capabilities: CapabilitiesLike, ttl: int | timedelta,
                   budget: Budget | Mapping[str, int | None] | None, risk: int | None,
-                  depth: int) -> ExecutionToken:
+                  depth: int, memory_scopes: Iterable[str] | None = None) -> ExecutionToken:
         spec = self._agent(agent)
+        scopes = _memory_scopes(memory_scopes, spec.memory_scopes,
+                                f"the registry scopes of agent `{agent}`")
+        if isinstance(scopes, str):
+            raise LimitExceededError(scopes, limit="memory_scopes")
         caps = _capabilities(capabilities)
         if not len(caps):
             raise CapabilityNotPermittedError("a delegation needs at least one capability",
@@ -382,6 +405,7 @@ class DelegationBroker:
             delegator_issuer=principal.issuer,
             actors=(Actor(spec.id, execution_id),), purpose=purpose, capabilities=caps,
             budget=grant, risk_envelope=envelope, depth=depth, ancestors=(),
+            memory_scopes=scopes,
         )
         return self._mint(identity, "delegation.minted")
 
@@ -396,8 +420,12 @@ class DelegationBroker:
         *,
         purpose: str | None = None,
         depth: int | None = None,
+        memory_scopes: Iterable[str] | None = None,
     ) -> ExecutionToken:
         """Mint a child token for ``agent`` that is provably narrower than ``parent``.
+
+        ``memory_scopes`` default to the parent's scopes that ``agent``'s registry entry also
+        has; asking for one outside either is refused.
 
         Every refusal raises a :class:`DelegationError` (:class:`WideningError` naming what
         would widen) and is recorded as ``delegation.refused``.
@@ -409,7 +437,8 @@ class DelegationBroker:
                 up = self.verifier.verify(token)
             except TokenError as exc:
                 raise DelegationError(f"the parent token is not valid: {exc}") from exc
-            return self._subdelegate(up, agent, capabilities, ttl, budget, risk, purpose, depth)
+            return self._subdelegate(up, agent, capabilities, ttl, budget, risk, purpose, depth,
+                                     memory_scopes)
         except DelegationError as exc:
             self._refused(exc, agent=agent, delegator=up.delegator_id if up else None,
                           parent=up)
@@ -417,7 +446,8 @@ class DelegationBroker:
 
     def _subdelegate(self, up: ExecutionIdentity, agent: str, capabilities: CapabilitiesLike,
                      ttl: int | timedelta, budget: Budget | Mapping[str, int | None] | None,
-                     risk: int | None, purpose: str | None, depth: int | None) -> ExecutionToken:
+                     risk: int | None, purpose: str | None, depth: int | None,
+                     memory_scopes: Iterable[str] | None = None) -> ExecutionToken:
         parent_agent = self.registry.get(up.agent_id)
         if parent_agent is None or parent_agent.status != "active":
             raise DelegationError(f"parent agent `{up.agent_id}` is not active in the registry")
@@ -435,6 +465,15 @@ class DelegationBroker:
                 f"`agents.{up.agent_id}.may_delegate_to`)", widened="agent",
             )
         spec = self._agent(agent)
+        from_parent = _memory_scopes(memory_scopes, up.memory_scopes,
+                                     "the parent's memory scopes")
+        if isinstance(from_parent, str):
+            raise WideningError(from_parent, widened="memory_scopes")
+        scopes = from_parent & spec.memory_scopes
+        if memory_scopes is not None and scopes != from_parent:
+            raise LimitExceededError(
+                f"memory scopes {', '.join(f'`{s}`' for s in sorted(from_parent - scopes))} "
+                f"are outside the registry scopes of agent `{agent}`", limit="memory_scopes")
         caps = _capabilities(capabilities)
         if not len(caps):
             raise WideningError("a sub-delegation needs at least one capability",
@@ -499,6 +538,7 @@ class DelegationBroker:
             capabilities=caps, budget=Budget(**values), risk_envelope=envelope,
             depth=child_depth, ancestors=(*up.ancestors, up.jti),
             ancestor_budgets=(*up.ancestor_budgets, up.budget),
+            memory_scopes=scopes,
         )
         return self._mint(identity, "delegation.subdelegated",
                           parent_execution_id=up.execution_id)
@@ -528,6 +568,7 @@ class DelegationBroker:
         ttl: int | timedelta | None = None,
         budget: Budget | Mapping[str, int | None] | None = None,
         purpose: str | None = None,
+        memory_scopes: Iterable[str] | None = None,
     ) -> ExecutionToken:
         """Sub-delegate to ``agent`` with sensible narrowing defaults (used by the adapters).
 
@@ -546,7 +587,8 @@ class DelegationBroker:
                 f"{', '.join(sorted(spec.actions)) or 'none'})", widened="capability")
         if ttl is None:
             ttl = max(1, min(up.expires_at - int(self._clock()), spec.max_ttl_s))
-        return self.subdelegate(token, agent, caps, ttl, budget, purpose=purpose)
+        return self.subdelegate(token, agent, caps, ttl, budget, purpose=purpose,
+                                memory_scopes=memory_scopes)
 
     def end(self, token: ExecutionToken | ExecutionIdentity | str, *,
             reason: str = "completed") -> None:

@@ -45,6 +45,7 @@ from agentic_iam.core.firewall import (
 )
 from agentic_iam.core.identity import AgentSpec, ExecutionIdentity, ToolSpec
 from agentic_iam.core.mediation import Mediated, Mediator
+from agentic_iam.core.memory import MemoryFiltered, filter_memory
 from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest, unverified_arguments
 from agentic_iam.core.recipients import (
     INVALID_DOMAIN,
@@ -876,6 +877,19 @@ class Guard:
         """Async :meth:`mediate`: ``run`` returns an awaitable; ``ask`` may return one."""
         return await self._mediator.amediate(token, call, run, screen=screen, failed=failed,
                                              ask=ask, paused=paused, agent_id=agent_id)
+
+    def filter_memory(self, token: TokenLike | None, items: Iterable[T], *,
+                      scope_of: Callable[[T], object], id_of: Callable[[T], object],
+                      query: str | None = None,
+                      framework: str | None = None) -> MemoryFiltered[T]:
+        """Keep the retrieved ``items`` the run's grant may read; record the retrieval.
+
+        The token is checked like a tool call's (a revoked or expired run reads nothing); an
+        item is kept when ``scope_of(item)`` is one of the grant's memory scopes. Never raises.
+        See :mod:`agentic_iam.core.memory`.
+        """
+        return filter_memory(self, token, items, scope_of=scope_of, id_of=id_of, query=query,
+                             framework=framework)
 
     def call(self, token: TokenLike, call: ToolCall, fn: Callable[..., Any]) -> Screened:
         """Mediate ``fn(**checked_arguments)``; raise :class:`AuthorizationDenied` unless it ran.

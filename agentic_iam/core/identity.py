@@ -248,6 +248,10 @@ class ExecutionIdentity:
     sub_purpose: str | None = None
     """For a sub-delegation: the narrower part of the task the parent agent handed on, in its
     own words. ``purpose`` stays what the delegator consented to; this never replaces it."""
+    memory_scopes: frozenset[str] = frozenset()
+    """The memory/document scopes this run may read (token claim ``mem``): the agent's
+    registry scopes or fewer at delegation, never more than the parent's at sub-delegation.
+    Empty: the run reads no memory."""
 
     @property
     def key(self) -> str:

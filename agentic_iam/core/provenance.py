@@ -142,6 +142,7 @@ EventType = Literal[
     "audit.continued",
     "execution.ended",
     "execution.suspended",
+    "memory.retrieved",
 ]
 EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
 
@@ -301,6 +302,25 @@ class ReasoningInfo(_Model):
     response_id: str | None = None
 
 
+class MemoryItem(_Model):
+    """One withheld memory item: its id and scope (never its content)."""
+
+    id: str = Field(max_length=512)
+    scope: str = Field(max_length=512)
+
+
+class MemoryInfo(_Model):
+    """What one retrieval kept and withheld (``memory.retrieved``)."""
+
+    query_digest: str | None = Field(default=None, pattern=_HEX64_RE)
+    granted_scopes: tuple[str, ...] = ()
+    kept_count: int = Field(ge=0)
+    kept_ids: tuple[str, ...] = ()
+    dropped_count: int = Field(ge=0)
+    dropped: tuple[MemoryItem, ...] = ()
+    reason: str | None = None
+
+
 class TraceContext(_Model):
     """The framework's trace position, so that our spans and records can be joined with it.
 
@@ -346,6 +366,7 @@ class AuditEvent(_Model):
     trace: TraceContext | None = None
     usage: dict[str, int] | None = None
     extra: dict[str, str] | None = None
+    memory: MemoryInfo | None = None
 
     @field_validator("time")
     @classmethod

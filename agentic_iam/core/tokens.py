@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jwt
 from cryptography.exceptions import InvalidSignature
@@ -137,6 +137,8 @@ class _Claims(_Strict):
     ancestors: list[str] = Field(max_length=16)
     ancestor_budgets: list[_BudgetClaim] = Field(max_length=16)
     sub_purpose: str | None = Field(default=None, min_length=1, max_length=1024)
+    mem: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=256)
 
 
 def identity_to_claims(identity: ExecutionIdentity) -> dict[str, Any]:
@@ -173,6 +175,7 @@ def identity_to_claims(identity: ExecutionIdentity) -> dict[str, Any]:
             for b in identity.ancestor_budgets
         ],
         **({"sub_purpose": identity.sub_purpose} if identity.sub_purpose is not None else {}),
+        **({"mem": sorted(identity.memory_scopes)} if identity.memory_scopes else {}),
     }
 
 
@@ -451,6 +454,7 @@ class TokenVerifier:
             ancestors=tuple(claims.ancestors),
             ancestor_budgets=tuple(Budget(**b.model_dump()) for b in claims.ancestor_budgets),
             sub_purpose=claims.sub_purpose,
+            memory_scopes=frozenset(claims.mem),
         )
 
     def _check_window(self, nbf: int, iat: int, exp: int) -> None:
