@@ -183,8 +183,8 @@ class Mediator:
     # --- exactly once ---------------------------------------------------------------------
 
     def _replay_key(self, token: TokenLike | None, call: ToolCall) -> tuple[str, str, str] | None:
-        """(execution, call id, call binding) of a call that may have run before, or None."""
-        if token is None or not call.call_id or not self._results:
+        """(execution, call id, call binding) of a call with a framework call id, or None."""
+        if token is None or not call.call_id:
             return None
         try:
             identity = self.guard._identity(token)
@@ -194,7 +194,7 @@ class Mediator:
         return identity.key, call.call_id, binding
 
     def _replayed(self, key: tuple[str, str, str] | None) -> Mediated[Any] | None:
-        if key is None:
+        if key is None or not self._results:
             return None
         with self._lock:
             found = self._results.get(key[:2])
@@ -206,17 +206,11 @@ class Mediator:
         return Mediated(earlier.decision, "replayed", earlier.value, earlier.refusal,
                         earlier.tool_failed)
 
-    def _remember(self, token: TokenLike | None, call: ToolCall, decision: Decision,
-                  done: Mediated[Any]) -> None:
-        if token is None or not decision.call_id:
-            return
-        try:
-            identity = self.guard._identity(token)
-            binding = call_binding(identity.execution_id, call.name, call.arguments)
-        except Exception:  # the token may have ended meanwhile: nothing to replay
+    def _remember(self, key: tuple[str, str, str] | None, done: Mediated[Any]) -> None:
+        if key is None:
             return
         with self._lock:
-            self._results[(identity.key, decision.call_id)] = (binding, done)
+            self._results[key[:2]] = (key[2], done)
             while len(self._results) > _REMEMBERED_RESULTS:
                 self._results.popitem(last=False)
 
@@ -326,7 +320,7 @@ class Mediator:
             self._raised(decision, exc, paused)
             raise
         done: Mediated[R] = self._finish(decision, output, screen, failed)
-        self._remember(token, call, decision, done)
+        self._remember(key, done)
         return done
 
     async def amediate(self, token: TokenLike | None, call: ToolCall,
@@ -363,5 +357,5 @@ class Mediator:
             self._raised(decision, exc, paused)
             raise
         done: Mediated[R] = self._finish(decision, output, screen, failed)
-        self._remember(token, call, decision, done)
+        self._remember(key, done)
         return done
