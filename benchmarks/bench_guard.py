@@ -94,6 +94,42 @@ def _samples(guard: Guard, token: Any, n: int, *, complete: bool) -> list[float]
     return out
 
 
+OUTPUT = ("Refund of 50 USD to ACC-1001 created; reference R-2231. " * 4)[:200]
+
+
+def _full_call_samples(registry_path: Path, policies: Path, n: int,
+                       *, mediated: bool) -> list[float]:
+    """authorize → tool → screen → complete for a 200-character output, by hand or through
+    ``Guard.mediate``. A fresh token every 3 calls (outside the timed region): the support
+    policies allow 3 refunds per session."""
+    registry = AgentRegistry.from_yaml(registry_path)
+    broker = DelegationBroker(registry, KeySet.generate("https://bench"), audience="bench")
+    guard = Guard.from_broker(broker, CedarEngine.from_directory(policies, registry),
+                              config=FAST)
+    out: list[float] = []
+    token: Any = None
+    for i in range(n + n // 10):
+        if i % 3 == 0:
+            token = broker.delegate(Human("alice@example.com"), "support-agent", "bench",
+                                    ["refund:create amount<=100"], ttl=3600)
+        call = ToolCall(CALL.name, CALL.arguments, call_id=f"c{i}")
+        start = time.perf_counter_ns()
+        if mediated:
+            done = guard.mediate(token, call, lambda args: OUTPUT)
+            ok = done.status == "ran"
+        else:
+            decision = guard.authorize(token, call)
+            ok = decision.allowed
+            guard.screen(decision, OUTPUT)
+            guard.complete(decision)
+        elapsed = (time.perf_counter_ns() - start) / 1000
+        if not ok:
+            raise RuntimeError(f"benchmark call {i} was not allowed")
+        if i >= n // 10:
+            out.append(elapsed)
+    return out
+
+
 def _p(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -117,6 +153,12 @@ def run(n: int = 2000) -> list[tuple[str, float]]:
         rows.append(("authorize p50 with 990 unrelated policies added", _p(big, 0.5)))
         rows.append(("ratio 1000-policy / 10-policy (p50)",
                      _p(big, 0.5) / _p(base, 0.5)))
+        by_hand = _full_call_samples(*small, n // 2, mediated=False)
+        mediated = _full_call_samples(*small, n // 2, mediated=True)
+        rows.append(("authorize+screen+complete p50 (by hand, 200-char output)",
+                     _p(by_hand, 0.5)))
+        rows.append(("Guard.mediate p50 (same call, one mediation path)", _p(mediated, 0.5)))
+        rows.append(("ratio mediate / by hand (p50)", _p(mediated, 0.5) / _p(by_hand, 0.5)))
         per_store: dict[str, float] = {}
         stores: dict[str, Any] = {
             "memory": MemoryStore(),
