@@ -76,6 +76,8 @@ log = logging.getLogger("agentic_iam.guard")
 
 #: How many used call ids the Guard remembers (per process) to refuse their reuse.
 _MAX_USED_CALL_IDS = 200_000
+#: How many ended executions the Guard remembers, to end each one once.
+_MAX_ENDED = 50_000
 #: Attempts to record a call's spend before its execution is suspended.
 _SETTLE_ATTEMPTS = 3
 
@@ -183,6 +185,8 @@ class Guard:
         self._lock = threading.Lock()
         self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
         self._seeded: OrderedDict[str, None] = OrderedDict()
+        # Executions this Guard has ended (bounded), so that ending twice records once.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._mediator = Mediator(self)
         #: Counters for tests and operators: decisions by outcome.
         self.stats: dict[str, int] = {"allow": 0, "deny": 0, "approval_required": 0}
@@ -797,11 +801,19 @@ class Guard:
         Adapters call this when a run finishes ("when the task ends, the identity is gone").
         The token's ``jti`` is revoked in the store (children are refused through their
         ancestors), calls still pending in this process are charged, and an
-        ``execution.ended`` event is recorded. Idempotent.
+        ``execution.ended`` event is recorded. Idempotent: ending an execution this Guard has
+        already ended does nothing (and records nothing) again.
         """
         identity = token if isinstance(token, ExecutionIdentity) else self.verifier.verify(
             token.token if isinstance(token, ExecutionToken) else token, check_revocation=False)
+        with self._lock:
+            if identity.key in self._ended:
+                return
         self.store.revoke(identity.key, expires_at=identity.expires_at)
+        with self._lock:
+            self._ended[identity.key] = None
+            while len(self._ended) > _MAX_ENDED:
+                self._ended.popitem(last=False)
         with self._lock:
             orphans = [ticket for ticket, p in self._pending.items()
                        if p.identity.key == identity.key

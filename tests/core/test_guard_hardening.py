@@ -300,6 +300,15 @@ def test_ending_an_execution_ends_it_and_its_children(env: Env) -> None:
     assert [e.execution_id for e in ended] == [parent.identity.execution_id]
 
 
+def test_ending_twice_records_once(env: Env) -> None:
+    token = env.refund_token()
+    env.guard.end_execution(token)
+    env.guard.end_execution(token.token)
+    ended = [e for e in env.sink.events if e.event_type == "execution.ended"]
+    assert len(ended) == 1
+    assert first_code(env.guard.authorize(token, read_ticket())) == "token.revoked"
+
+
 def test_broker_end_revokes_and_records(env: Env) -> None:
     token = env.refund_token()
     env.broker.end(token)
