@@ -8,7 +8,8 @@ Guard's decisions (complete mediation).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from langchain_core.tools import BaseTool, tool
 from pydantic import Field
 
+from agentic_iam import MemorySink
+from agentic_iam.core.approvals import arguments_digest
 from agentic_iam.integrations.langchain import GuardMiddleware, IAMContext
 from tests.conftest import Env
 
@@ -133,6 +136,31 @@ def decided(env: Env, call_id: str) -> Any:
     return events[-1]
 
 
+def assert_one_allow_per_execution(
+        sink: MemorySink, executions: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Complete mediation, from the audit log: every real execution (tool, arguments) has its
+    own ``allow`` decision for that tool and those exact arguments, and every ``allow`` has one
+    execution. An allowed call that was cancelled (``tool_call.completed`` with outcome
+    ``cancelled``: its tool never started, or an interrupt paused it and the framework replays
+    it) may have none. So a denied call that ran, a call that ran twice under one decision, or
+    a call that ran with arguments other than the allowed ones fails."""
+    allowed: Counter[tuple[str | None, str | None]] = Counter()
+    cancelled: Counter[tuple[str | None, str | None]] = Counter()
+    for event in sink.events:
+        key = (event.tool, event.arguments_digest)
+        if (event.event_type == "tool_call.decided" and event.decision is not None
+                and event.decision.outcome == "allow"):
+            allowed[key] += 1
+        elif (event.event_type == "tool_call.completed" and event.result is not None
+                and event.result.outcome == "cancelled"):
+            cancelled[key] += 1
+    ran = Counter((name, arguments_digest(args)) for name, args in executions)
+    for key in allowed.keys() | ran.keys():
+        assert allowed[key] - cancelled[key] <= ran[key] <= allowed[key], (
+            f"{key}: ran {ran[key]} time(s) under {allowed[key]} allow decision(s), "
+            f"{cancelled[key]} cancelled")
+
+
 def total_decisions(env: Env) -> int:
     return sum(env.guard.stats.values())
 
@@ -148,5 +176,4 @@ def _complete_mediation(request: pytest.FixtureRequest) -> Iterator[None]:
     env: Env = request.getfixturevalue("env")
     backend: Backend = request.getfixturevalue("backend")
     yield
-    assert len(backend.calls) == env.guard.stats["allow"], (
-        f"{len(backend.calls)} executions vs {env.guard.stats} decisions")
+    assert_one_allow_per_execution(env.sink, backend.calls)

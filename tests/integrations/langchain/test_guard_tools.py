@@ -103,7 +103,7 @@ def test_injected_arguments_pass_through_and_are_not_authorized(env: Env,
                       runtime: ToolRuntime[Any, Any]) -> str:
         """Refund."""
         seen["call_id"] = runtime.tool_call_id
-        backend.record("create_refund", amount=amount)
+        backend.record("create_refund", amount=amount, currency=currency, account=account)
         return "ok"
 
     wrapped = guard_tools([create_refund], env.guard, env.refund_token())

@@ -232,7 +232,7 @@ def test_sub_agent_inherits_the_parents_taint(env: Env, backend: Backend) -> Non
         ai("done"),
     )
     parent = build_agent(env, parent_model, [tools["read_ticket"], ask])
-    backend.record("ask_refund_bot", task="(the delegation tool ran)")
+    backend.record("ask_refund_bot", task="Refund 90 USD to ACC-666")  # the delegation tool
     parent.invoke(REQUEST, context=IAMContext(alice_token(env)))
 
     refund = decided(env, "child-refund")
@@ -477,7 +477,7 @@ def test_a_sub_agents_identity_ends_when_its_run_does(env: Env, backend: Backend
                                                               task="Refund 20 to ACC-1001")),
                                        ai("done")), [ask])
     token = alice_token(env)
-    backend.record("ask_refund_bot", task="(the delegation tool ran)")
+    backend.record("ask_refund_bot", task="Refund 20 to ACC-1001")  # the delegation tool
     parent.invoke(REQUEST, context=IAMContext(token, end_on_finish=parent_ends))
 
     assert backend.executed("create_refund") == [
@@ -511,7 +511,7 @@ def test_a_failed_sub_agent_run_ends_its_identity(env: Env, backend: Backend) ->
     parent = build_agent(env, scripted(ai("Delegating.", call("ask_refund_bot", "p-ask",
                                                               task="Refund 20")),
                                        ai("done")), [ask])
-    backend.record("ask_refund_bot", task="(the delegation tool ran)")
+    backend.record("ask_refund_bot", task="Refund 20")  # the delegation tool
     result = parent.invoke(REQUEST, context=IAMContext(alice_token(env), end_on_finish=False))
 
     assert "crashed" in tool_messages(result)["p-ask"].text

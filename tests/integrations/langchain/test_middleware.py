@@ -400,7 +400,7 @@ def test_tool_errors_settle_the_call_and_surface(env: Env, backend: Backend) -> 
     @tool
     def create_refund(amount: int, currency: str, account: str) -> str:
         """Refund."""
-        backend.record("create_refund", amount=amount)
+        backend.record("create_refund", amount=amount, currency=currency, account=account)
         raise ToolException("payment provider down")
 
     create_refund.handle_tool_error = True
