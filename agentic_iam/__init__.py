@@ -14,6 +14,7 @@ from agentic_iam.core.approvals import (
     ConsoleApprover,
     QueuedApprover,
 )
+from agentic_iam.core.binding import bind, current_token
 from agentic_iam.core.broker import DelegationBroker, OIDCProvider
 from agentic_iam.core.capabilities import (
     ArgumentConstraint,
@@ -35,6 +36,8 @@ from agentic_iam.core.identity import (
     Workload,
 )
 from agentic_iam.core.keys import KeySet
+from agentic_iam.core.mediation import ApprovalAnswer, Mediated
+from agentic_iam.core.memory import DroppedItem, MemoryFiltered
 from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest, PolicyResult
 from agentic_iam.core.policy.cedar import CedarEngine, generate_schema
 from agentic_iam.core.policy.opa import OpaEngine
@@ -96,6 +99,7 @@ from agentic_iam.errors import (
     UnknownKeyError,
     WideningError,
 )
+from agentic_iam.project import Delegation, Project, init_project, load
 
 __version__ = "0.1.0"
 
@@ -106,6 +110,7 @@ __all__ = [
     "AgentSuspendedError",
     "AgenticIAMError",
     "AlgorithmNotAllowedError",
+    "ApprovalAnswer",
     "ApprovalError",
     "ApprovalManager",
     "ApprovalRequest",
@@ -127,8 +132,10 @@ __all__ = [
     "ConfigurationError",
     "ConsoleApprover",
     "Decision",
+    "Delegation",
     "DelegationBroker",
     "DelegationError",
+    "DroppedItem",
     "ExecutionIdentity",
     "ExecutionToken",
     "ExpiredTokenError",
@@ -152,6 +159,8 @@ __all__ = [
     "LimitExceededError",
     "MalformedTokenError",
     "MatchResult",
+    "Mediated",
+    "MemoryFiltered",
     "MemorySink",
     "MemoryStore",
     "MissingClaimError",
@@ -164,6 +173,7 @@ __all__ = [
     "PolicyLoadError",
     "PolicyRequest",
     "PolicyResult",
+    "Project",
     "QueuedApprover",
     "Reason",
     "ReasoningContext",
@@ -190,9 +200,13 @@ __all__ = [
     "WideningError",
     "Workload",
     "__version__",
+    "bind",
+    "current_token",
     "default_policies_dir",
     "default_registry_path",
     "generate_schema",
+    "init_project",
+    "load",
     "mint_token",
     "parse_capability",
     "spotlight",

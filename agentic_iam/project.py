@@ -386,11 +386,9 @@ class Project:
         if not isinstance(principal, (Human, Workload)):
             raise ConfigurationError("the delegator must be a user id, a Human or a Workload")
         seconds = parse_duration(ttl) if isinstance(ttl, str) else ttl
-        extra: dict[str, Any] = {}
-        if memory_scopes is not None:
-            extra["memory_scopes"] = frozenset(memory_scopes)
         token = self.broker.delegate(principal, self._agent_id(agent, "delegate"), purpose,
-                                     capabilities, seconds, budget, risk, depth=depth, **extra)
+                                     capabilities, seconds, budget, risk, depth=depth,
+                                     memory_scopes=memory_scopes)
         identity = token.identity
         return Delegation(token.token, identity,
                           _Lifecycle(lambda reason: self._end(identity, reason)))
