@@ -116,7 +116,7 @@ async def test_agent_tool_outside_a_guarded_workflow_fails(
                                       guard=env.guard)
     ask = agent_tool(refund_bot, name="ask_refund_bot", description="x", broker=env.broker)
     # (in a workflow, `_call_tool` turns this into an error output the model reads)
-    with pytest.raises(ConfigurationError, match="must be called from a guarded workflow"):
-        await ask.acall(task="refund", ctx=None)
-    with pytest.raises(TypeError, match="guarded workflow"):
+    with pytest.raises(ConfigurationError, match="must be called from a protected workflow"):
+        await ask.acall(task="refund")
+    with pytest.raises(TypeError, match="protected workflow"):
         agent_tool(object(), name="x", description="x", broker=env.broker)  # type: ignore[arg-type]

@@ -148,7 +148,8 @@ async def test_token_for_another_agent_is_refused(env: Env, backend: Backend,
                                          account="acct-alice")))
     await drive(await run_with_identity(agent(env, tools, llm), REQUEST, child))
     assert backend.calls == []
-    assert "identity is for agent `refund-bot`" in llm.tool_results(1)["c1"]
+    assert "belongs to agent `refund-bot`" in llm.tool_results(1)["c1"]
+    assert decided(env, "c1").decision.reasons[0].code == "identity.agent_mismatch"
 
 
 APPROVAL = [
@@ -182,7 +183,10 @@ async def test_approval_pauses_and_resumes(env: Env, backend: Backend,
     assert seen_before_answer == [0]
     assert backend.executed("create_refund") == [
         {"amount": 150, "currency": "USD", "account": "acct-alice"}]
-    assert env.guard.stats == {"allow": 1, "deny": 0, "approval_required": 1}
+    # the step is replayed from the top on resume: asked again (the same pending request),
+    # then allowed once the answer is recorded
+    assert env.guard.stats == {"allow": 1, "deny": 0, "approval_required": 2}
+    assert [e.event_type for e in env.sink.events].count("approval.requested") == 1
     kinds = [e.event_type for e in env.sink.events]
     assert "approval.requested" in kinds and "approval.granted" in kinds
     granted = next(e for e in env.sink.events if e.event_type == "approval.granted")

@@ -119,7 +119,7 @@ async def test_plain_base_tool(env: Env, backend: Backend) -> None:
     assert backend.executed("search_kb") == [{"query": "a"}, {"query": "b"}]
 
 
-async def test_in_a_stock_agent_reasoning_by_name_and_arguments(
+async def test_in_a_stock_agent(
         env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
     wrapped = guard_tools(list(tools.values()), env.guard, env.refund_token())
     llm = scripted(ai("Refund and delete.",
@@ -130,10 +130,11 @@ async def test_in_a_stock_agent_reasoning_by_name_and_arguments(
     out = results(events)
     assert not out["g1"].tool_output.is_error and out["g2"].tool_output.is_error
     assert backend.executed("create_refund") == [REFUND]
-    # no call id reaches a tool; the requesting message is found by name and arguments
+    # no call id reaches a tool: the Guard names the call (protect() the agent to get the
+    # model's call ids and the requesting message on the record)
     refunds = [e for e in env.sink.events
                if e.event_type == "tool_call.decided" and e.tool == "create_refund"]
-    assert refunds[0].reasoning is not None
-    assert refunds[0].reasoning.message == "Refund and delete."
+    assert len(refunds) == 1 and refunds[0].decision is not None
+    assert refunds[0].decision.outcome == "allow" and refunds[0].framework == "llama_index"
     with pytest.raises(AssertionError):
         decided(env, "g1")
