@@ -264,3 +264,61 @@ def test_demo_json_runs_offline(tmp_path: Path) -> None:
     # checked, so verify does not say "intact": it says what held and exits 3.
     code, out, _ = aiam("audit", "verify", str(audit))
     assert code == 3 and "verified: the hash chain" in out and "no key" in out
+
+
+# --- aiam init ------------------------------------------------------------------------------
+
+
+def test_aiam_init_help() -> None:
+    code, out, _ = aiam("init", "--help")
+    assert code == 0
+    assert "--agent" in out and "--force" in out
+
+
+def test_aiam_init_prints_what_it_wrote_and_the_next_lines(tmp_path: Path) -> None:
+    target = tmp_path / "new"
+    code, out, err = aiam("init", str(target), "--agent", "helpdesk")
+    assert code == 0, err
+    assert "aiam-keys.json" in out and "policies/app/app.cedar" in out
+    assert f'iam = agentic_iam.load("{target}")' in out
+    assert 'agent = iam.protect(agent, agent_id="helpdesk")' in out
+    assert f"cd {target} && aiam policy test" in out
+    assert oct((target / "aiam-keys.json").stat().st_mode & 0o777) == "0o600"
+    code, out, err = aiam("init", str(target))
+    assert code == 2
+    # one message (the console folds it at 160 columns, the tmp path is long)
+    assert err.startswith("error: ") and "is not empty" in err and "Traceback" not in err
+    code, out, err = aiam("init", str(target), "--force")
+    assert code == 0 and "aiam-keys.json (kept)" in out, err
+    code, out, err = aiam("init", str(tmp_path / "other"), "--agent", "Bad Id")
+    assert code == 2 and "agent id `Bad Id`" in err
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    from agentic_iam import init_project
+
+    init_project(tmp_path / "proj")
+    return tmp_path / "proj"
+
+
+def test_aiam_policy_test_passes_on_an_initialised_folder(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = aiam("policy", "test", str(project / "policies"))
+    assert code == 0, out + err
+    assert "10/10 fixtures pass" in out
+    monkeypatch.chdir(project)
+    code, out, err = aiam("policy", "test")
+    assert code == 0, out + err
+    assert "10/10 fixtures pass" in out
+    assert "support/" not in out  # the project's fixtures, not the demo's
+    code, out, _ = aiam("policy", "validate")
+    assert code == 0 and "valid: 11 policies" in out
+
+
+def test_aiam_policy_test_fails_when_a_project_fixture_does_not_hold(project: Path) -> None:
+    policy = project / "policies/app/app.cedar"
+    policy.write_text(policy.read_text().replace("amount > 100", "amount > 1000"))
+    code, out, _ = aiam("policy", "test", str(project / "policies"))
+    assert code == 1
+    assert "FAIL" in out and "refund-150.json" in out

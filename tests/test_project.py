@@ -262,51 +262,6 @@ def test_init_names_the_agent_and_checks_its_id(tmp_path: Path) -> None:
         init_project(tmp_path / "file")
 
 
-# --- the CLI ---------------------------------------------------------------------------------
-
-
-def test_aiam_init_help() -> None:
-    result = CliRunner().invoke(app, ["init", "--help"])
-    assert result.exit_code == 0
-    assert "--agent" in result.output and "--force" in result.output
-
-
-def test_aiam_init_prints_what_it_wrote_and_the_next_lines(tmp_path: Path) -> None:
-    target = tmp_path / "new"
-    result = CliRunner().invoke(app, ["init", str(target), "--agent", "helpdesk"])
-    assert result.exit_code == 0, result.output
-    assert "aiam-keys.json" in result.output and "policies/app/app.cedar" in result.output
-    assert f'iam = agentic_iam.load("{target}")' in result.output
-    assert 'agent = iam.protect(agent, agent_id="helpdesk")' in result.output
-    again = CliRunner().invoke(app, ["init", str(target)])
-    assert again.exit_code == 2
-    assert "is not empty" in again.output and "Traceback" not in again.output
-    forced = CliRunner().invoke(app, ["init", str(target), "--force"])
-    assert forced.exit_code == 0 and "aiam-keys.json (kept)" in forced.output
-
-
-def test_aiam_policy_test_passes_on_an_initialised_folder(
-        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    given = CliRunner().invoke(app, ["policy", "test", str(folder / "policies")])
-    assert given.exit_code == 0, given.output
-    assert "10/10 fixtures pass" in given.output
-    monkeypatch.chdir(folder)
-    inside = CliRunner().invoke(app, ["policy", "test"])
-    assert inside.exit_code == 0, inside.output
-    assert "10/10 fixtures pass" in inside.output
-    assert "support/" not in inside.output  # the project's fixtures, not the demo's
-    valid = CliRunner().invoke(app, ["policy", "validate"])
-    assert valid.exit_code == 0 and "valid: 11 policies" in valid.output
-
-
-def test_aiam_policy_test_fails_when_a_project_fixture_does_not_hold(folder: Path) -> None:
-    policy = folder / "policies/app/app.cedar"
-    policy.write_text(policy.read_text().replace("amount > 100", "amount > 1000"))
-    result = CliRunner().invoke(app, ["policy", "test", str(folder / "policies")])
-    assert result.exit_code == 1
-    assert "FAIL" in result.output and "refund-150.json" in result.output
-
-
 # --- a user's own registry and policies ------------------------------------------------------
 
 OWN_REGISTRY = """\
