@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.tools import FunctionTool
 
 from agentic_iam import (
@@ -24,6 +25,7 @@ from agentic_iam.errors import ConfigurationError
 from agentic_iam.integrations.llama_index import (
     GuardedFunctionAgent,
     agent_tool,
+    protect,
     run_with_identity,
 )
 from tests.conftest import ALICE, AUDIENCE, Env
@@ -120,3 +122,87 @@ async def test_agent_tool_outside_a_guarded_workflow_fails(
         await ask.acall(task="refund")
     with pytest.raises(TypeError, match="protected workflow"):
         agent_tool(object(), name="x", description="x", broker=env.broker)  # type: ignore[arg-type]
+
+
+def ask_tool(sub_agent: Any, backend: Backend) -> FunctionTool:
+    """A plain tool that runs a sub-agent: nothing in it mentions identities."""
+
+    async def ask_refund_bot(task: str) -> str:
+        """Hand a refund to the refund bot."""
+        backend.record("ask_refund_bot", task=task)
+        result = await sub_agent.run(user_msg=task)
+        return str(result.response.content)
+
+    return FunctionTool.from_defaults(async_fn=ask_refund_bot)
+
+
+async def test_a_protected_agent_called_from_a_plain_tool_mints_its_own_identity(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    refund_bot = protect(FunctionAgent(
+        name="refund-bot", description="Refunds.", tools=[tools["create_refund"]],
+        llm=scripted(ai("Refunding 80.", call("create_refund", "s80", amount=80, currency="USD",
+                                              account="acct-alice")),
+                     ai("Refunding 20.", call("create_refund", "s20", amount=20, currency="USD",
+                                              account="acct-alice")),
+                     ai("Refunded."))),
+        env.guard, broker=env.broker, agent_id="refund-bot")
+    support = protect(FunctionAgent(
+        name="support", description="Support", tools=[ask_tool(refund_bot, backend)],
+        llm=scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 80, 20")),
+                     ai("Done."))),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    token = env.broker.delegate(ALICE, "support-agent", "refund T-1042",
+                                ["refund:create amount<=50", "agent:delegate"], 900)
+    await drive(await run_with_identity(support, REQUEST, token))
+
+    assert backend.executed("create_refund") == [
+        {"amount": 20, "currency": "USD", "account": "acct-alice"}]
+    assert decided(env, "s80").decision.outcome == "deny"
+    child = decided(env, "s20")
+    # never the parent's identity: its own, minted by the broker, narrowed and linked
+    assert child.agent_id == "refund-bot"
+    assert child.execution_id != token.identity.execution_id
+    assert chain_ids(child) == ["alice@example.com", "support-agent", "refund-bot"]
+    assert child.reasoning.parent_run_id is not None
+    minted = [e for e in env.sink.events if e.event_type == "delegation.subdelegated"]
+    assert [e.agent_id for e in minted] == ["refund-bot"]
+    # the child ended when its run did, and the parent with its own
+    ended = [e.agent_id for e in env.sink.events if e.event_type == "execution.ended"]
+    assert ended == ["refund-bot", "support-agent"]
+
+
+async def test_without_a_broker_the_sub_agent_refuses_the_parents_identity(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    sub_llm = scripted(ai("Refunding 20.", call("create_refund", "s20", amount=20,
+                                                currency="USD", account="acct-alice")),
+                       ai("I could not."))
+    refund_bot = protect(FunctionAgent(name="refund-bot", description="Refunds.",
+                                       tools=[tools["create_refund"]], llm=sub_llm),
+                         env.guard, agent_id="refund-bot")  # no broker
+    support = protect(FunctionAgent(
+        name="support", description="Support", tools=[ask_tool(refund_bot, backend)],
+        llm=scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20")),
+                     ai("Done."))),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    await drive(await run_with_identity(support, REQUEST, parent_token(env)))
+    assert backend.executed("create_refund") == []
+    event = decided(env, "s20")
+    assert event.decision.reasons[0].code == "identity.agent_mismatch"
+    assert "belongs to agent `support-agent`" in sub_llm.tool_results(1)["s20"]
+
+
+async def test_a_stock_sub_agent_inside_a_guarded_tool_is_refused(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    sub_llm = scripted(ai("Refunding 20.", call("create_refund", "s20", amount=20,
+                                                currency="USD", account="acct-alice")),
+                       ai("I could not."))
+    stock = FunctionAgent(name="refund-bot", description="Refunds.",
+                          tools=[tools["create_refund"]], llm=sub_llm)  # never protected
+    support = protect(FunctionAgent(
+        name="support", description="Support", tools=[ask_tool(stock, backend)],
+        llm=scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20")),
+                     ai("Done."))),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    await drive(await run_with_identity(support, REQUEST, parent_token(env)))
+    assert backend.executed("create_refund") == []
+    assert "outside a Guard mediation" in sub_llm.tool_results(1)["s20"]
