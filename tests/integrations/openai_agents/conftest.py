@@ -4,6 +4,10 @@ No network, no API key: :class:`Scripted` is an ``agents.models.interface.Model`
 scripted ``ModelResponse``s (reasoning, text and function calls) and records what it was shown
 on every turn. Tools record their real executions in a :class:`Backend`, so tests compare
 executions with the Guard's decisions. Tracing export is disabled for the whole test session.
+
+Every test that uses the ``env`` and ``backend`` fixtures ends with
+:func:`assert_one_allow_per_execution`: each real execution had its own ``allow`` decision for
+that exact tool and those exact arguments, and no ``allow`` ran twice.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import asyncio
 import itertools
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +36,10 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
+
+from agentic_iam import MemorySink
+from agentic_iam.core.approvals import arguments_digest
+from tests.conftest import Env
 
 Mode = Literal["run", "streamed", "sync"]
 MODES: tuple[Mode, ...] = ("run", "streamed", "sync")
@@ -196,3 +205,53 @@ def execute(mode: Mode, agent: Agent[Any], input: Any, *, context: Any = None,
         return result
 
     return asyncio.run(streamed())
+
+
+@pytest.fixture
+def backend() -> Backend:
+    return Backend()
+
+
+def assert_one_allow_per_execution(
+        sink: MemorySink, executions: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Complete mediation, from the audit log: every real execution (tool, arguments) has its
+    own ``allow`` decision for that tool and those exact arguments, and every ``allow`` has one
+    execution, unless it was cancelled (``tool_call.completed`` with outcome ``cancelled``: its
+    tool never started). So a refused call that ran, a call that ran twice under one decision,
+    or a call that ran with arguments other than the allowed ones fails."""
+    allowed: Counter[tuple[str | None, str | None]] = Counter()
+    cancelled: Counter[tuple[str | None, str | None]] = Counter()
+    for event in sink.events:
+        key = (event.tool, event.arguments_digest)
+        if (event.event_type == "tool_call.decided" and event.decision is not None
+                and event.decision.outcome == "allow"):
+            allowed[key] += 1
+        elif (event.event_type == "tool_call.completed" and event.result is not None
+                and event.result.outcome == "cancelled"):
+            cancelled[key] += 1
+    ran = Counter((name, arguments_digest(args)) for name, args in executions)
+    for key in allowed.keys() | ran.keys():
+        assert allowed[key] - cancelled[key] <= ran[key] <= allowed[key], (
+            f"{key}: ran {ran[key]} time(s) under {allowed[key]} allow decision(s), "
+            f"{cancelled[key]} cancelled")
+
+
+@pytest.fixture(autouse=True)
+def _complete_mediation(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used both fixtures: each real execution had one allow decision."""
+    if "env" not in request.fixturenames or "backend" not in request.fixturenames:
+        yield
+        return
+    env: Env = request.getfixturevalue("env")
+    backend: Backend = request.getfixturevalue("backend")
+    yield
+    assert_one_allow_per_execution(env.sink, backend.executions)
+
+
+def decided(env: Env) -> dict[str, Any]:
+    """call id → its last ``tool_call.decided`` event."""
+    return {e.call_id: e for e in env.sink.events if e.event_type == "tool_call.decided"}
+
+
+def events(env: Env, kind: str) -> list[Any]:
+    return [e for e in env.sink.events if e.event_type == kind]
