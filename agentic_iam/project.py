@@ -304,6 +304,15 @@ class Delegation(ExecutionToken):
         # end propagates (the token would stay valid until it expires, which nobody asked for).
         self.end("completed" if exc_type is None else f"failed: {exc_type.__name__}")
 
+    # ``async with`` too, for async frameworks. The binding is a contextvar set in the task that
+    # enters the block, so the agent run awaited inside the block sees it.
+    async def __aenter__(self) -> Delegation:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.__exit__(exc_type, exc, tb)
+
 
 # --- the project ----------------------------------------------------------------------------
 

@@ -127,6 +127,39 @@ def test_an_exception_in_the_block_still_ends_the_execution(iam: Project, folder
     assert [e["extra"]["reason"] for e in ended] == ["failed: ValueError"]
 
 
+async def test_async_with_binds_the_token_for_awaited_work(iam: Project) -> None:
+    import asyncio
+
+    async def tool_step() -> object:
+        await asyncio.sleep(0)
+        return current_token()
+
+    async with iam.delegate("alice@example.com", "refund", REFUND_CAPS) as token:
+        seen = await asyncio.gather(tool_step(), asyncio.create_task(tool_step()))
+    assert all(isinstance(t, ExecutionToken) and t.token == token.token for t in seen)
+    assert current_token() is None and token.ended
+    assert iam.guard.authorize(token, refund(10)).reasons[0].code == "token.revoked"
+
+
+def test_the_guards_own_approver_comes_from_load(folder: Path) -> None:
+    from agentic_iam import CallbackApprover
+
+    asked: list[str] = []
+
+    def bob(request: Any) -> bool:
+        asked.append(request.tool)
+        return True
+
+    with load(folder, approver=CallbackApprover(bob, name="you@example.com")) as project, \
+            project.delegate("alice@example.com", "fee", ["refund:create amount<=200"]) as token:
+        decision = project.guard.authorize(token, refund(150))
+        assert decision.outcome == "allow", decision.reasons
+        project.guard.complete(decision)
+    assert asked == ["create_refund"]
+    granted = [e for e in events(folder) if e["event_type"] == "approval.granted"]
+    assert len(granted) == 1 and granted[0]["extra"]["approver"] == "you@example.com"
+
+
 def test_a_plain_call_returns_the_token_and_end_ends_it(iam: Project) -> None:
     token = iam.delegate(Human("bob@example.com", issuer="https://idp.example.com"), "refund",
                          REFUND_CAPS, ttl="5m", budget={"tool_calls": 2})
@@ -352,8 +385,13 @@ def test_a_broken_config_names_the_file_and_the_field(folder: Path, old: str, ne
 def test_load_reports_missing_and_unparseable_files(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"no project configuration .*aiam init"):
         load(tmp_path / "nowhere")
+    original = (folder / "aiam.yaml").read_text()
     (folder / "aiam.yaml").write_text("issuer: [unclosed\n")
     with pytest.raises(ConfigurationError, match=r"aiam.yaml: not valid YAML \(line 2\)"):
+        load(folder)
+    (folder / "aiam.yaml").write_text(original)
+    _edit(folder, "registry: agents.yaml", "registry: missing.yaml")
+    with pytest.raises(ConfigurationError, match=r"missing\.yaml.*no such registry file"):
         load(folder)
     (folder / "aiam.yaml").write_text("- a list\n")
     with pytest.raises(ConfigurationError, match="must be a YAML mapping"):
