@@ -1,80 +1,61 @@
 """LangChain v1 / LangGraph adapter: every tool call of an agent goes through the Guard.
 
-What it gives you (``pip install "agentic-iam[langchain]"``):
+``pip install "agentic-iam[langchain]"``. The adapter only translates: a LangChain tool call into
+a :class:`ToolCall` for :meth:`Guard.mediate` (authorize → approval → run → screen → complete,
+exactly once per call id), a refusal into ``ToolMessage(status="error")``, an approval into
+LangGraph's ``interrupt()`` (resume with ``Command(resume={"approved": True, "approver":
+"bob"})``, ``bob`` being in ``GuardConfig.approvers``), and a ``GraphInterrupt`` raised inside a
+tool into a cancelled call (LangGraph replays the task).
 
-- :class:`GuardMiddleware` — an ``AgentMiddleware`` for ``langchain.agents.create_agent``
-  (``wrap_tool_call`` *and* ``awrap_tool_call``, so ``invoke``, ``ainvoke``, ``stream`` and
-  ``astream`` all pass through it). Put it LAST in ``middleware=[...]`` (innermost), so it sees
-  the final arguments and tool. For each call it finds the ``AIMessage`` that asked for it
-  (text and reasoning blocks) as reasoning context, asks :meth:`Guard.authorize`, and:
-  on ``deny`` returns ``ToolMessage(status="error")`` with the Guard's model message; on
-  ``approval_required`` pauses the run with LangGraph's ``interrupt()`` (the payload describes
-  the call and its ``approval_id``; resume with ``Command(resume={"approved": True,
-  "approver": "bob"})``, ``bob`` being in ``GuardConfig.approvers``), records the answer and
-  authorizes the same call again; on ``allow`` runs the tool with the Guard's checked copy of
-  the arguments, screens what the tool returned
-  (``ToolMessage`` content and the messages of a ``Command`` update) before the model sees it,
-  and settles the call.
-- :class:`IAMContext` — the per-run identity: pass ``context=IAMContext(token)`` to
-  ``invoke``/``stream`` (and ``context_schema=IAMContext`` to ``create_agent``). Any context
-  object with an ``aiam_token`` attribute or key works too. The token never enters the graph
-  state, so the model never sees it. A run without a valid token cannot call tools.
-- Executions end with their run: when the agent run finishes (the ``after_agent`` hook), the
-  middleware calls :meth:`Guard.end_execution` for the run's token, so it and every token
-  sub-delegated from it stop working. A run paused for an approval has not finished (the
-  resume still works). For a conversation of several ``invoke`` calls with one token, opt out
-  with ``IAMContext(token, end_on_finish=False)`` (any context: an ``aiam_end_on_finish``
-  attribute or key set to ``False``) and call ``guard.end_execution(token)`` when the
-  conversation is over. A run that raises has not finished either: end its token yourself (or
-  let it expire). :func:`guarded_tool_node` graphs and :func:`guard_tools` have no end-of-run
-  hook: their caller ends the execution.
-- :func:`guarded_tool_node` — a LangGraph ``ToolNode`` using the same wrapper, for custom graphs.
-- :func:`guard_tools` — wrapped ``BaseTool``s for other executors (a refusal is the tool's error
-  output, as with ``handle_tool_error=True``, never an exception that ends the run).
-- :class:`IAMCallbackHandler` — observe-only: charges the model's token usage to the execution
-  (so an exhausted ``llm_tokens`` budget stops further tool calls) and keeps the last model
-  messages for reasoning context.
-- :func:`subagent_tool`, :func:`subagent_node`, :func:`delegated_context` — agent-as-tool and
-  subgraph wrappers that mint a narrower identity with ``broker.subdelegate_for`` and pass it
-  EXPLICITLY as the child's ``context``. LangGraph's ``Runtime.merge`` otherwise hands a child
-  the parent's context (``other.context or self.context``), i.e. the parent's whole grant.
-  The child's execution always ends when the child run returns, raises or pauses (a replay
-  mints a new one), whatever ``end_on_finish`` says.
-- :class:`ScopedRetriever` — a retriever wrapper that drops documents outside the agent's
-  memory scopes (fail closed: a document without a scope is dropped) and records what it dropped.
+- :func:`protect` — ``protect(agent, guard, broker=..., agent_id=...)`` guards an existing
+  ``create_agent`` agent or compiled LangGraph graph in place and returns it: every ``ToolNode``
+  of the graph (and of its subgraphs) gets the Guard as its innermost tool-call wrapper, so tools
+  added to a node later, parallel calls, async tools and streaming all pass through it. The
+  run's identity is the run context's token (:class:`IAMContext`, or any context with an
+  ``aiam_token``) or the token bound by :func:`agentic_iam.core.binding.bind`. A token of
+  another agent (a parent calling this agent from a plain ``@tool``) is never used: with a
+  broker a child identity is minted with ``broker.subdelegate_for`` for the run and ended with
+  it; without one every call is refused (``identity.agent_mismatch``). A run whose token came
+  in its context ends its execution when it finishes (not when it pauses; opt out with
+  ``IAMContext(token, end_on_finish=False)``); a token bound with ``bind`` belongs to its block.
+- :class:`GuardMiddleware` — the same for ``create_agent(middleware=[...])`` (it ends the run's
+  execution in ``after_agent``); :func:`guarded_tool_node` — a guarded ``ToolNode``.
+- :func:`guard_tools` — wrapped tools for other executors; :class:`IAMCallbackHandler` —
+  observe-only usage charging and reasoning capture; :func:`subagent_tool`,
+  :func:`subagent_node`, :func:`delegated_context` — sub-agents run under a narrower identity
+  passed explicitly (LangGraph's ``Runtime.merge`` otherwise hands a child the parent's context);
+  :class:`ScopedRetriever` — retrieval filtered by the run's memory scopes
+  (:meth:`Guard.filter_memory`: a revoked or expired run reads nothing; drops are audited).
+
+No escape. Importing this module registers a LangChain callback (``on_tool_start``, raising)
+that refuses, loudly, any tool that starts while an execution token is in scope but not inside
+a Guard mediation for that exact tool, call id and arguments: a graph that was never protected,
+a tool called by hand under ``bind``, or a middleware placed after :class:`GuardMiddleware`
+that rewrote the arguments (5000 under an allow for 50) or swapped the tool. Such a call is
+cancelled and refused; the tool body never runs.
 
 What it must never do: run a tool without an ``allow`` decision for that exact call; run it with
-arguments other than ``decision.arguments``; let tool output reach the model unscreened; put a
+other arguments than ``decision.arguments``; let tool output reach the model unscreened; put a
 token in model-visible state, a message, a log line or an interrupt payload; let a child agent
 run with the parent's identity; turn a refusal into a crash of the run.
 
-Caveats. LangGraph re-runs a paused task from its start when the run resumes, so the call is
-authorized afresh (one more ``approval_required`` decision per pause) and a sub-agent called
-through :func:`subagent_tool` gets a freshly minted identity on each replay. The run context is
-not checkpointed: pass ``context=`` again with ``Command(resume=...)`` (without it the resumed
-call has no identity and is refused). In a custom graph whose ``ToolNode`` runs several calls in
-one task, an interrupt re-runs the task's other calls too: dispatch one call per task (``Send``,
-as ``create_agent`` does) when approvals are possible. Provider built-in tools (dicts handed to
-the model, run server-side) never reach a ``ToolNode`` and cannot be guarded here.
-
-Settling. A call whose tool ran is charged, also when the tool raised or its output could not be
-screened (it may have had its side effect). Only a call whose tool never started, or that an
-``interrupt()`` inside the tool paused (LangGraph replays the task), is cancelled with
-:meth:`Guard.cancel`: its reservation and its call id are given back, so the replay may ask
-again with the same id.
+Caveats: the run context is not checkpointed — pass ``context=`` again with
+``Command(resume=...)``. Provider built-in tools (dicts run server-side) never reach a
+``ToolNode`` and cannot be guarded here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
+import warnings
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar
 
 from agentic_iam.errors import MissingExtraError
 
@@ -93,9 +74,12 @@ try:
     from langchain_core.runnables import RunnableConfig
     from langchain_core.runnables.config import ensure_config
     from langchain_core.tools import BaseTool, StructuredTool, ToolException
-    from langgraph.errors import GraphBubbleUp, GraphInterrupt
+    from langchain_core.tracers.context import register_configure_hook
+    from langgraph.config import get_config
+    from langgraph.errors import GraphInterrupt
     from langgraph.prebuilt import ToolNode
     from langgraph.prebuilt.tool_node import ToolRuntime
+    from langgraph.pregel import Pregel
     from langgraph.runtime import Runtime
     from langgraph.types import Command, interrupt
     from pydantic import ConfigDict, Field, PrivateAttr
@@ -103,15 +87,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     _missing = (exc.name or "langchain").split(".")[0]
     raise MissingExtraError("langchain", _missing) from exc
 
+from agentic_iam.core.binding import current_token
 from agentic_iam.core.broker import CapabilitiesLike, DelegationBroker
-from agentic_iam.core.decision import Decision, ReasoningContext, ToolCall
-from agentic_iam.core.guard import Guard
-from agentic_iam.core.identity import AgentSpec, Budget
+from agentic_iam.core.decision import Decision, Reason, ReasoningContext, ToolCall
+from agentic_iam.core.guard import Guard, Screened
+from agentic_iam.core.identity import Budget
+from agentic_iam.core.mediation import Mediated, current_decision
 from agentic_iam.core.tokens import ExecutionToken
-from agentic_iam.errors import AgenticIAMError, DelegationError
+from agentic_iam.errors import (
+    AgenticIAMError,
+    AuthorizationDenied,
+    ConfigurationError,
+    DelegationError,
+    TokenError,
+)
 
 __all__ = [
-    "FilteredDocuments",
     "GuardMiddleware",
     "GuardedTool",
     "IAMCallbackHandler",
@@ -121,6 +112,7 @@ __all__ = [
     "find_requesting_message",
     "guard_tools",
     "guarded_tool_node",
+    "protect",
     "subagent_node",
     "subagent_tool",
     "token_from_context",
@@ -132,12 +124,10 @@ FRAMEWORK = "langchain"
 ApprovalMode = Literal["interrupt", "refuse"]
 Token = str | ExecutionToken
 ToolResult = ToolMessage | Command[Any]
-
-# How many times one call may pause for approval before the adapter gives up on it.
-_APPROVAL_ROUNDS = 3
+G = TypeVar("G")
 
 
-# --- per-run identity ------------------------------------------------------------------------
+# --- the run's identity ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -151,8 +141,8 @@ class IAMContext:
     token: Token = field(repr=False)
     """The execution token (compact JWS or :class:`ExecutionToken`). Kept out of ``repr``."""
     end_on_finish: bool = True
-    """End the execution (:meth:`Guard.end_execution`) when the agent run finishes. ``False``
-    keeps the token working for a conversation of several runs; end it yourself when done."""
+    """End the execution when the agent run finishes. ``False`` keeps the token working for a
+    conversation of several runs; end it yourself (``guard.end_execution``) when done."""
 
     @property
     def aiam_token(self) -> Token:
@@ -165,559 +155,541 @@ class IAMContext:
         return self.end_on_finish
 
 
+def _attr(context: object, name: str) -> object:
+    value = getattr(context, name, None)
+    return context.get(name) if value is None and isinstance(context, Mapping) else value
+
+
 def token_from_context(context: object) -> Token | None:
     """The execution token in a run context (``aiam_token`` attribute or key), or ``None``.
 
-    Only a non-empty string or an :class:`ExecutionToken` counts: an already-verified
-    ``ExecutionIdentity`` object is not accepted from a context, since anything in-process can
-    construct one.
+    Only a non-empty string or an :class:`ExecutionToken` counts, never an already-verified
+    identity object (anything in-process can construct one).
     """
-    if context is None:
-        return None
-    value = getattr(context, "aiam_token", None)
-    if value is None and isinstance(context, Mapping):
-        value = context.get("aiam_token")
-    if isinstance(value, ExecutionToken):
-        return value
-    if isinstance(value, str) and value:
-        return value
-    return None
+    value = _attr(context, "aiam_token") if context is not None else None
+    return value if isinstance(value, ExecutionToken) or (isinstance(value, str) and value) \
+        else None
 
 
-def _end_on_finish(context: object) -> bool:
-    """Whether the run's execution ends with the run: ``False`` only when the context says so
-    (``aiam_end_on_finish`` attribute or key set to ``False``); ending is the default."""
-    value = getattr(context, "aiam_end_on_finish", None)
-    if value is None and isinstance(context, Mapping):
-        value = context.get("aiam_end_on_finish")
-    return value is not False
-
-
-# Tokens this process has ended, so that a child ended by its own middleware is not ended (and
-# recorded) a second time by the sub-agent wrapper around it. Digests only, bounded.
-_ENDED: OrderedDict[str, None] = OrderedDict()
-_ENDED_LOCK = threading.Lock()
-_ENDED_KEPT = 4096
-
-
-class _Ender(Protocol):
-    def __call__(self, token: Token, *, reason: str) -> None: ...
-
-
-def _end_execution(end: _Ender, token: Token, reason: str) -> None:
-    """End an execution once (``Guard.end_execution`` or ``DelegationBroker.end``).
-
-    A failure is logged, not raised: the run's work is done, and raising would not make the
-    token any less valid (it still expires at its ``exp``).
-    """
-    raw = token.token if isinstance(token, ExecutionToken) else token
-    mark = hashlib.sha256(raw.encode("utf-8")).hexdigest()
-    with _ENDED_LOCK:
-        if mark in _ENDED:
-            return
+def _graph_context() -> object:
+    """The context of the LangGraph run this code runs in, or ``None``."""
     try:
-        end(token, reason=reason)
-    except Exception as exc:  # see the docstring; the failure is on the record in the log
-        log.warning("could not end the execution (%s): %s", reason, type(exc).__name__)
-        return
-    with _ENDED_LOCK:
-        _ENDED[mark] = None
-        while len(_ENDED) > _ENDED_KEPT:
-            _ENDED.popitem(last=False)
+        runtime = get_config().get("configurable", {}).get("__pregel_runtime")
+    except RuntimeError:  # not inside a runnable
+        return None
+    return getattr(runtime, "context", None)
 
 
-def _settle_raised(guard: Guard, decision: Decision, exc: BaseException) -> None:
-    """Settle an allowed call whose tool raised ``exc``.
+def _run_token(context: object = None) -> Token | None:
+    """The run's token: the framework's run context first, then the one bound by ``bind``."""
+    return token_from_context(context) or token_from_context(_graph_context()) or current_token()
 
-    An ``interrupt()`` inside the tool pauses it, and LangGraph replays the task from its start
-    on resume: the call is cancelled (reservation and call id given back) so the replay can ask
-    again. Anything else may have happened after the tool's side effect: charged.
-    """
-    if isinstance(exc, GraphInterrupt):
-        guard.cancel(decision)
-    else:
-        guard.complete(decision, "error")
+
+def _raw(token: Token) -> str:
+    return token.token if isinstance(token, ExecutionToken) else token
 
 
 # --- reasoning context -----------------------------------------------------------------------
 
 
-def _messages_of(state: object) -> Sequence[object]:
-    if isinstance(state, Mapping):
-        messages = state.get("messages")
-    elif isinstance(state, list):
-        messages = state
-    else:
-        messages = getattr(state, "messages", None)
-    return messages if isinstance(messages, (list, tuple)) else ()
+def _messages_of(state: object) -> list[Any]:
+    messages = state if isinstance(state, list) else _attr(state, "messages")
+    return list(messages) if isinstance(messages, (list, tuple)) else []
 
 
 def find_requesting_message(state: object, tool_call_id: str | None) -> AIMessage | None:
     """The ``AIMessage`` in ``state["messages"]`` whose ``tool_calls`` hold ``tool_call_id``."""
-    if not tool_call_id:
-        return None
-    for message in reversed(_messages_of(state)):
+    for message in reversed(_messages_of(state) if tool_call_id else []):
         if isinstance(message, AIMessage) and any(
-            call.get("id") == tool_call_id for call in message.tool_calls
-        ):
+                c.get("id") == tool_call_id for c in message.tool_calls):
             return message
     return None
 
 
-def _message_text(message: AIMessage) -> str | None:
-    """The model's text plus its reasoning (content blocks or ``reasoning_content``)."""
-    content = message.content
-    if isinstance(content, str):
-        # Plain text has no reasoning blocks; `content_blocks` would cost ~25 us for nothing.
-        text, blocks = content, []
+def _reasoning(message: AIMessage | None, *, model: str | None, run_id: object = None,
+               parent_run_id: object = None) -> ReasoningContext:
+    """The model's text plus its reasoning blocks, model name and ids."""
+    if message is None:
+        return ReasoningContext(model=model, run_id=str(run_id) if run_id else None)
+    if isinstance(message.content, str):  # plain text has no reasoning blocks (and is fast)
+        text, blocks = message.content, []
     else:
         try:
-            text = str(message.text)
-            blocks = message.content_blocks  # normalizes provider formats (e.g. "thinking")
-        except Exception:  # odd provider content: fall back to the raw content
-            text, blocks = str(content), []
+            text, blocks = str(message.text), message.content_blocks
+        except Exception:  # odd provider content: keep the raw content
+            text, blocks = str(message.content), []
     reasoning = [str(b.get("reasoning")) for b in blocks
                  if b.get("type") == "reasoning" and b.get("reasoning")]
     extra = message.additional_kwargs.get("reasoning_content")
     if isinstance(extra, str) and extra and extra not in reasoning:
         reasoning.append(extra)
     parts = [p for p in (text.strip(), *(f"[reasoning] {r.strip()}" for r in reasoning)) if p]
-    return "\n".join(parts) or None
+    meta = message.response_metadata
+    named = next((meta[k] for k in ("model_name", "model", "model_id")
+                  if isinstance(meta.get(k), str) and meta[k]), None)
+    response_id = meta.get("id") if isinstance(meta.get("id"), str) else message.id
+    return ReasoningContext(message="\n".join(parts) or None, model=named or model,
+                            run_id=str(run_id) if run_id else None,
+                            parent_run_id=str(parent_run_id) if parent_run_id else None,
+                            response_id=response_id or None)
 
 
-def _model_name(message: AIMessage | None, default: str | None) -> str | None:
-    if message is not None:
-        meta = message.response_metadata
-        for key in ("model_name", "model", "model_id"):
-            value = meta.get(key)
-            if isinstance(value, str) and value:
-                return value
-    return default
-
-
-def _reasoning(message: AIMessage | None, *, model: str | None, run_id: object = None,
-               parent_run_id: object = None) -> ReasoningContext:
-    response_id = None
-    if message is not None:
-        meta_id = message.response_metadata.get("id")
-        response_id = meta_id if isinstance(meta_id, str) and meta_id else message.id
-    return ReasoningContext(
-        message=_message_text(message) if message is not None else None,
-        model=_model_name(message, model),
-        run_id=str(run_id) if run_id else None,
-        parent_run_id=str(parent_run_id) if parent_run_id else None,
-        response_id=response_id,
-    )
-
-
-# --- screening helpers -----------------------------------------------------------------------
+# --- screening what the model sees ----------------------------------------------------------
 
 
 def _content_text(content: object) -> str:
     """One text for the firewall from message content (a string or a list of blocks)."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list) and all(
-        isinstance(b, str) or (isinstance(b, Mapping) and b.get("type") == "text")
-        for b in content
-    ):
+            isinstance(b, str) or (isinstance(b, Mapping) and b.get("type") == "text")
+            for b in content):
         return "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in content)
-    # Images, files and other blocks cannot be screened for instructions: they are sent on
-    # as their JSON text (screened), never as raw blocks.
-    try:
-        return json.dumps(content, ensure_ascii=False, sort_keys=True, default=str)
-    except (TypeError, ValueError):
-        return str(content)
+    # Images, files and other blocks cannot be screened for instructions: they are sent on as
+    # their text (screened), never as raw blocks.
+    return content if isinstance(content, str) else str(content)
 
 
-class _Screening:
-    """Screens one allowed call's output; remembers whether any part reported an error."""
-
-    def __init__(self, guard: Guard, decision: Decision) -> None:
-        self.guard = guard
-        self.decision = decision
-        self.error = False
-
-    def text(self, value: object) -> tuple[str, bool]:
-        screened = self.guard.screen(self.decision, _content_text(value))
-        return screened.text, screened.result.blocked
-
-    def message(self, message: BaseMessage) -> BaseMessage:
-        text, blocked = self.text(message.content)
-        update: dict[str, Any] = {"content": text}
-        if isinstance(message, ToolMessage):
-            if message.status == "error":
-                self.error = True
-            if blocked:
-                update["status"] = "error"
-        return message.model_copy(update=update)
-
-    def message_like(self, value: object) -> object:
-        """Messages in a ``Command`` update may be messages, dicts, (role, text) or text."""
+def _screen(result: Any, screen_text: Callable[[object], Screened]) -> Any:
+    """``result`` with every text the model will see screened (messages, ``Command`` updates)."""
+    def message(value: object) -> object:
         if isinstance(value, BaseMessage):
-            return self.message(value)
+            screened = screen_text(_content_text(value.content))
+            update: dict[str, Any] = {"content": screened.text}
+            if isinstance(value, ToolMessage) and screened.result.blocked:
+                update["status"] = "error"
+            return value.model_copy(update=update)
         if isinstance(value, Mapping) and "content" in value:
-            return {**value, "content": self.text(value["content"])[0]}
+            return {**value, "content": screen_text(_content_text(value["content"])).text}
         if isinstance(value, tuple) and len(value) == 2:
-            return (value[0], self.text(value[1])[0])
-        return self.text(value)[0]
+            return (value[0], screen_text(_content_text(value[1])).text)
+        return screen_text(_content_text(value)).text
 
-    def command(self, command: Command[Any]) -> Command[Any]:
-        update = command.update
-        if isinstance(update, Mapping) and "messages" in update:
-            messages = update["messages"]
-            items = messages if isinstance(messages, (list, tuple)) else [messages]
-            screened = [self.message_like(m) for m in items]
-            return _replace_command(command, {**update, "messages": screened})
-        if isinstance(update, (list, tuple)) and all(
-            isinstance(p, tuple) and len(p) == 2 for p in update
-        ):
-            pairs = []
-            for key, value in update:
-                if key == "messages":
-                    items = value if isinstance(value, (list, tuple)) else [value]
-                    value = [self.message_like(m) for m in items]
-                pairs.append((key, value))
-            return _replace_command(command, pairs)
-        # No messages: nothing reaches the model from this update. Other state keys are the
-        # tool author's responsibility (a prompt that renders them should screen them).
-        return command
+    def messages(value: object) -> list[object]:
+        return [message(m) for m in (value if isinstance(value, (list, tuple)) else [value])]
 
-    def result(self, result: object) -> Any:
-        if isinstance(result, ToolMessage):
-            return self.message(result)
-        if isinstance(result, Command):
-            return self.command(result)
-        if isinstance(result, list):
-            return [self.result(item) for item in result]
-        if isinstance(result, BaseMessage):
-            return self.message(result)
-        return self.text(result)[0]
+    if isinstance(result, list):
+        return [_screen(item, screen_text) for item in result]
+    if not isinstance(result, Command):
+        return message(result) if isinstance(result, BaseMessage) else message(str(result))
+    update = result.update
+    if isinstance(update, Mapping) and "messages" in update:
+        update = {**update, "messages": messages(update["messages"])}
+    elif isinstance(update, (list, tuple)):
+        update = [(k, messages(v)) if k == "messages" else (k, v) for k, v in update]
+    # Other state keys never reach the model directly; a prompt that renders them must screen.
+    return Command(graph=result.graph, update=update, resume=result.resume, goto=result.goto)
 
 
-def _replace_command(command: Command[Any], update: object) -> Command[Any]:
-    return Command(graph=command.graph, update=update, resume=command.resume, goto=command.goto)
+def _failed(result: object) -> bool:
+    """The tool reported a failure (an error ``ToolMessage``, also inside a ``Command``)."""
+    if isinstance(result, ToolMessage):
+        return result.status == "error"
+    if isinstance(result, list):
+        return any(_failed(item) for item in result)
+    if not isinstance(result, Command) or not isinstance(result.update, Mapping):
+        return False
+    found = result.update.get("messages")
+    return _failed(list(found) if isinstance(found, (list, tuple)) else found)
 
 
-def _blocked_message(request: ToolCallRequest, why: str) -> ToolMessage:
-    return _refusal(request, f"[agentic-iam: tool output blocked: {why}]")
+# --- no escape: a tool that starts outside a mediation is refused ---------------------------
 
 
-def _refusal(request: ToolCallRequest, text: str) -> ToolMessage:
-    call = request.tool_call
-    return ToolMessage(content=text, tool_call_id=call.get("id") or "",
-                       name=call.get("name"), status="error")
+class _Escaped(Exception):
+    """The tool never started: what would have run is not what the Guard allowed."""
 
 
-# --- approvals -------------------------------------------------------------------------------
+# (call id, tool names refused at their start) of the mediation running in this context.
+_WATCH: ContextVar[tuple[str | None, list[str]] | None] = ContextVar("aiam_lc_watch",
+                                                                      default=None)
 
 
-def _approval_payload(call: ToolCall, decision: Decision) -> dict[str, Any]:
-    """What the human sees in the interrupt: the call, its approval id, why (never a token)."""
-    try:
-        arguments = json.loads(json.dumps(dict(call.arguments), default=str))
-    except (TypeError, ValueError):
-        arguments = {}
-    main = decision.reasons[0].message if decision.reasons else ""
-    return {
-        "type": "agentic_iam.approval",
-        "approval_id": decision.approval_id,
-        "tool": call.name,
-        "call_id": call.call_id,
-        "arguments": arguments,
-        "action": decision.action,
-        "execution_id": decision.execution_id,
-        "reason": main,
-        "policy_ids": list(decision.policy_ids),
-        "resume_with": {"approved": "bool", "approver": "str"},
-    }
+class _UnguardedToolRefusal(BaseCallbackHandler):
+    """Refuses any tool that starts while a token is in scope but outside a mediation.
 
-
-def _parse_answer(answer: object) -> tuple[bool, str] | None:
-    """``{"approved": bool, "approver": str}`` (a configured approver id); anything else is
-    refused. A bare ``True``/``False`` names nobody and claims the approver ``human``, which the
-    Guard refuses (and records) unless it is configured."""
-    if isinstance(answer, bool):
-        return answer, "human"
-    if isinstance(answer, Mapping):
-        approved = answer.get("approved")
-        approver = answer.get("approver", "human")
-        if type(approved) is bool and isinstance(approver, str) and approver.strip():
-            return approved, approver.strip()
-    return None
-
-
-def _await_approval(guard: Guard, token: Token | None, call: ToolCall, decision: Decision,
-                    mode: ApprovalMode) -> Decision | str:
-    """Pause for a human until the call is allowed; a string is the refusal for the model.
-
-    LangGraph re-runs the task on resume, so the call is authorized afresh each time (a new
-    approval request for the same exact call); the human's answer resolves that one, and the
-    Guard then lets the call through once.
+    ``on_tool_start`` runs before the tool body (``BaseTool.run`` calls it outside its
+    try/except, langchain_core/tools/base.py:1074) and, with ``raise_error``, its exception
+    aborts the call; it runs inline so the async path raises too.
     """
-    rounds = 0
-    while decision.outcome == "approval_required":
-        if mode == "refuse" or decision.approval_id is None or token is None:
-            return decision.model_message()
-        if rounds >= _APPROVAL_ROUNDS:
-            return (f"The call to `{call.name}` still needs approval after {rounds} answers "
-                    f"and was not run.")
+
+    raise_error = True
+    run_inline = True
+
+    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *,
+                      run_id: Any, inputs: dict[str, Any] | None = None,
+                      tool_call_id: str | None = None, **kwargs: Any) -> None:
+        if _run_token() is None:
+            return  # no identity in scope: nothing to enforce here
+        name = str((serialized or {}).get("name") or "")
+        decision = current_decision()
+        if (decision is not None and decision.tool == name and inputs == dict(decision.arguments)
+                and tool_call_id in (None, decision.call_id)):
+            return
+        watch = _WATCH.get()
+        if watch is not None and watch[0] == tool_call_id:
+            watch[1].append(name)
+        why = (f"tool `{name}` started outside the Guard's mediation (never wired in, or changed "
+               "after the Guard allowed it)")
+        log.error("refused: %s", why)
+        raise AuthorizationDenied(Decision("deny", (Reason("mediation.unguarded", why),),
+                                           tool_call_id or "", name))
+
+
+# A default, not a .set(): new threads start with an empty context and must see it too. The
+# handler holds no state, so sharing one instance is safe.
+_REFUSAL_HOOK: ContextVar[BaseCallbackHandler | None] = ContextVar(
+    "aiam_lc_refusal", default=_UnguardedToolRefusal())  # noqa: B039
+register_configure_hook(_REFUSAL_HOOK, True)  # added to every callback manager from now on
+
+
+# --- mediation of one ToolNode call ----------------------------------------------------------
+
+
+def _paused(exc: BaseException) -> bool:
+    return isinstance(exc, (GraphInterrupt, _Escaped))
+
+
+def _can_pause() -> bool:
+    try:  # interrupt() needs the scratchpad of a running Pregel task
+        return bool(get_config().get("configurable", {}).get("__pregel_scratchpad"))
+    except RuntimeError:
+        return False
+
+
+def _refusal(call: Mapping[str, Any], text: str) -> ToolMessage:
+    return ToolMessage(content=text, tool_call_id=call.get("id") or "", name=call.get("name"),
+                       status="error")
+
+
+@dataclass(frozen=True)
+class _ToolCalls:
+    """Turns a ``ToolCallRequest`` into a mediated call and its result into a tool result."""
+
+    guard: Guard
+    agent_id: str | None = None
+    model_name: str | None = None
+    on_approval: ApprovalMode = "interrupt"
+    require_model_message: bool = True
+
+    def prepare(self, request: ToolCallRequest) -> tuple[Token | None, ToolCall] | ToolMessage \
+            | None:
+        """(token, call) to mediate; a refusal; or ``None`` when an outer layer of ours already
+        mediates exactly this call."""
+        tool_call, runtime = request.tool_call, request.runtime
+        name, call_id = tool_call.get("name") or "", tool_call.get("id")
+        outer = current_decision()
+        if outer is not None and outer.call_id == call_id and outer.tool == name:
+            if dict(outer.arguments) == tool_call.get("args"):
+                return None
+            watch = _WATCH.get()
+            if watch is not None:
+                watch[1].append(name)  # the outer mediation cancels the call
+            return _refusal(tool_call, f"The call to `{name}` was refused: its arguments were "
+                                       f"changed after the access check.")
+        message = find_requesting_message(request.state, call_id)
+        if message is None and self.require_model_message:
+            return _refusal(tool_call, f"The call to `{name}` was refused by the access layer "
+                                       f"and was not run. Reason: the model message that "
+                                       f"requested it was not found.")
+        config: Mapping[str, Any] = getattr(runtime, "config", None) or {}
+        reasoning = _reasoning(
+            message, model=self.model_name,
+            run_id=getattr(getattr(runtime, "execution_info", None), "run_id", None)
+            or config.get("run_id"),
+            parent_run_id=getattr(config.get("callbacks"), "parent_run_id", None))
+        call = ToolCall(name, tool_call.get("args") or {}, call_id, reasoning, FRAMEWORK)
+        return _run_token(getattr(runtime, "context", None)), call
+
+    def _ask(self) -> Callable[[dict[str, Any]], object] | None:
+        return interrupt if self.on_approval == "interrupt" and _can_pause() else None
+
+    def _checked(self, request: ToolCallRequest, args: dict[str, Any]) -> ToolCallRequest:
+        if request.tool is None:  # registered for the agent, but not a tool of this node
+            raise _Escaped(f"Error: `{request.tool_call.get('name')}` is not a valid tool here.")
+        return request.override(tool_call={**request.tool_call, "args": args})
+
+    @staticmethod
+    @contextmanager
+    def _watched(call_id: str | None) -> Iterator[list[str]]:
+        refused: list[str] = []
+        reset = _WATCH.set((call_id, refused))
         try:
-            answer = interrupt(_approval_payload(call, decision))
-        except RuntimeError:
-            # Not inside a LangGraph run (no config to pause): the call stays unrun; the
-            # request stays pending for `aiam approvals` to answer.
-            return decision.model_message()
-        parsed = _parse_answer(answer)
-        if parsed is None:
-            return (f"The approval answer for `{call.name}` was not understood, so the call "
-                    f"was not run.")
-        approved, approver = parsed
+            yield refused
+        except Exception:
+            if refused:  # our start check refused it: the tool body never ran
+                raise _Escaped(f"The call to `{refused[0]}` was refused: what would have run "
+                               "is not what the access check allowed.") from None
+            raise
+        finally:
+            _WATCH.reset(reset)
+        if refused:
+            raise _Escaped(f"The call to `{refused[0]}` was refused: what would have run is "
+                           "not what the access check allowed.")
+
+    @staticmethod
+    def result(request: ToolCallRequest, done: Mediated[Any]) -> ToolResult:
+        value = done.value
+        if done.status not in ("ran", "replayed") or value is None:
+            return _refusal(request.tool_call, done.refusal or done.decision.model_message())
+        if isinstance(value, (ToolMessage, Command, list)):
+            return value  # type: ignore[return-value]  # ToolNode takes lists of results too
+        return ToolMessage(content=str(value), tool_call_id=request.tool_call.get("id") or "",
+                           name=done.decision.tool)
+
+    def wrap(self, request: ToolCallRequest,
+             handler: Callable[[ToolCallRequest], ToolResult]) -> ToolResult:
+        prepared = self.prepare(request)
+        if prepared is None:
+            return handler(request)
+        if isinstance(prepared, ToolMessage):
+            return prepared
+
+        def run(args: dict[str, Any]) -> ToolResult:
+            with self._watched(prepared[1].call_id):
+                return handler(self._checked(request, args))
         try:
-            guard.resolve_approval(decision.approval_id, approved=approved, approver=approver)
-        except AgenticIAMError as exc:
-            log.warning("approval %s could not be recorded: %s", decision.approval_id, exc)
-            return (f"The approval for `{call.name}` could not be recorded, so the call was "
-                    f"not run.")
-        if not approved:
-            return (f"A human declined the call to `{call.name}`; it was not run. Do not "
-                    f"retry the same call.")
-        decision = guard.authorize(token, call)
-        rounds += 1
-    return decision
+            done = self.guard.mediate(*prepared, run, screen=_screen, failed=_failed,
+                                      ask=self._ask(), paused=_paused, agent_id=self.agent_id)
+        except _Escaped as exc:
+            return _refusal(request.tool_call, str(exc))
+        return self.result(request, done)
+
+    async def awrap(self, request: ToolCallRequest,
+                    handler: Callable[[ToolCallRequest], Awaitable[ToolResult]]) -> ToolResult:
+        prepared = self.prepare(request)
+        if prepared is None:
+            return await handler(request)
+        if isinstance(prepared, ToolMessage):
+            return prepared
+
+        async def run(args: dict[str, Any]) -> ToolResult:
+            with self._watched(prepared[1].call_id):
+                return await handler(self._checked(request, args))
+        try:
+            done = await self.guard.amediate(*prepared, run, screen=_screen, failed=_failed,
+                                             ask=self._ask(), paused=_paused,
+                                             agent_id=self.agent_id)
+        except _Escaped as exc:
+            return _refusal(request.tool_call, str(exc))
+        return self.result(request, done)
 
 
-# --- the middleware --------------------------------------------------------------------------
-
-
-_NO_TOKEN = ("The call to `{tool}` was refused by the access layer and was not run. Reason: "
-             "this run carries no execution identity.")
-_NO_MESSAGE = ("The call to `{tool}` was refused by the access layer and was not run. Reason: "
-               "the model message that requested it was not found.")
-
-
-@dataclass
-class _Plan:
-    """An allowed call ready to run."""
-
-    decision: Decision
-    request: ToolCallRequest
+# --- create_agent middleware and ToolNode ----------------------------------------------------
 
 
 class GuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
-    """Authorizes, screens and settles every tool call of a ``create_agent`` agent.
+    """Mediates every tool call of a ``create_agent`` agent; ends the run's execution.
 
-    Put it LAST in ``middleware=[...]``. The identity comes from the run context
-    (:class:`IAMContext` or any object with ``aiam_token``), never from state.
+    Put it LAST in ``middleware=[...]`` (innermost). If a middleware after it changes a call's
+    arguments or tool, the tool refuses to start and the call is refused (see the module
+    docstring); :func:`protect` places the Guard innermost by construction.
     """
 
-    def __init__(
-        self,
-        guard: Guard,
-        *,
-        model_name: str | None = None,
-        on_approval: ApprovalMode = "interrupt",
-        require_model_message: bool = True,
-    ) -> None:
-        """``model_name``: recorded when the model's messages do not name one.
-        ``on_approval``: ``interrupt`` pauses the run (needs a checkpointer to resume);
-        ``refuse`` returns the approval message to the model and leaves the request pending.
+    def __init__(self, guard: Guard, *, model_name: str | None = None,
+                 on_approval: ApprovalMode = "interrupt", require_model_message: bool = True,
+                 agent_id: str | None = None) -> None:
+        """``on_approval``: ``interrupt`` pauses the run (resuming needs a checkpointer);
+        ``refuse`` returns the approval message and leaves the request pending.
         ``require_model_message``: refuse calls whose requesting ``AIMessage`` is not in the
-        state (e.g. a ``ToolNode`` called outside a graph), so every call has its reasoning.
+        state. ``agent_id``: the registry agent this is; a token of another agent is refused.
         """
         super().__init__()
         if on_approval not in ("interrupt", "refuse"):
             raise ValueError(f"on_approval must be `interrupt` or `refuse`, got {on_approval!r}")
         self.guard = guard
-        self.model_name = model_name
-        self.on_approval: ApprovalMode = on_approval
-        self.require_model_message = require_model_message
+        self._calls = _ToolCalls(guard, agent_id, model_name, on_approval, require_model_message)
 
-    # -- shared steps
-
-    def _plan(self, request: ToolCallRequest) -> _Plan | ToolMessage:
-        """Decide the call; an error ``ToolMessage`` when it must not run."""
-        try:
-            return self._decide(request)
-        except GraphBubbleUp:
-            raise  # an approval pause
-        except Exception as exc:  # fail closed: the tool does not run
-            log.warning("access check for `%s` failed: %s", request.tool_call.get("name"),
-                        type(exc).__name__)
-            return _refusal(request, f"The call to `{request.tool_call.get('name')}` was "
-                                     f"refused: the access check failed.")
-
-    def _decide(self, request: ToolCallRequest) -> _Plan | ToolMessage:
-        tool_call = request.tool_call
-        name, call_id = tool_call.get("name") or "", tool_call.get("id")
-        runtime = request.runtime
-        token = token_from_context(getattr(runtime, "context", None))
-        message = find_requesting_message(request.state, call_id)
-        if message is None and self.require_model_message:
-            log.warning("no requesting model message for tool call `%s` (%s); refused",
-                        name, call_id)
-            return _refusal(request, _NO_MESSAGE.format(tool=name))
-        config: Mapping[str, Any] = getattr(runtime, "config", None) or {}
-        info = getattr(runtime, "execution_info", None)
-        call = ToolCall(
-            name=name,
-            arguments=tool_call.get("args") or {},
-            call_id=call_id,
-            reasoning=_reasoning(
-                message, model=self.model_name,
-                run_id=getattr(info, "run_id", None) or config.get("run_id"),
-                parent_run_id=getattr(config.get("callbacks"), "parent_run_id", None),
-            ),
-            framework=FRAMEWORK,
-        )
-        # A run without a token is still put to the Guard, so the attempt is on the record.
-        decision = self.guard.authorize(token if token is not None else "", call)
-        if decision.outcome == "approval_required":
-            answered = _await_approval(self.guard, token, call, decision, self.on_approval)
-            if isinstance(answered, str):
-                return _refusal(request, answered)
-            decision = answered
-        if not decision.allowed:
-            text = _NO_TOKEN.format(tool=name) if token is None else decision.model_message()
-            return _refusal(request, text)
-        if request.tool is None:
-            # Registered for the agent but not given to this agent's tools: nothing to run.
-            self.guard.cancel(decision)
-            return _refusal(request, f"Error: `{name}` is not a valid tool here.")
-        try:
-            checked = request.override(tool_call={**tool_call, "args": dict(decision.arguments)})
-        except Exception:
-            self.guard.cancel(decision)  # the tool never started; refused above
-            raise
-        return _Plan(decision, checked)
-
-    def _finish(self, plan: _Plan, result: object) -> ToolResult:
-        screening = _Screening(self.guard, plan.decision)
-        try:
-            screened = screening.result(result)
-        except Exception as exc:  # output that cannot be screened is withheld
-            log.warning("screening `%s` failed: %s", plan.decision.tool, type(exc).__name__)
-            self.guard.complete(plan.decision, "error")
-            return _blocked_message(plan.request, "screening failed")
-        self.guard.complete(plan.decision, "error" if screening.error else "success")
-        if isinstance(screened, (ToolMessage, Command)):
-            return screened
-        if isinstance(screened, list):
-            return cast("ToolResult", screened)
-        return ToolMessage(content=str(screened), tool_call_id=plan.request.tool_call.get("id")
-                           or "", name=plan.decision.tool)
-
-    # -- the two hooks (sync: invoke/stream; async: ainvoke/astream)
-
-    def wrap_tool_call(
-        self,
-        request: ToolCallRequest,
-        handler: Callable[[ToolCallRequest], ToolResult],
-    ) -> ToolResult:
-        plan = self._plan(request)
-        if isinstance(plan, ToolMessage):
-            return plan
-        try:
-            result = handler(plan.request)
-        except BaseException as exc:
-            _settle_raised(self.guard, plan.decision, exc)
-            raise
-        return self._finish(plan, result)
+    def wrap_tool_call(self, request: ToolCallRequest,
+                       handler: Callable[[ToolCallRequest], ToolResult]) -> ToolResult:
+        return self._calls.wrap(request, handler)
 
     async def awrap_tool_call(
-        self,
-        request: ToolCallRequest,
-        handler: Callable[[ToolCallRequest], Awaitable[ToolResult]],
-    ) -> ToolResult:
-        plan = self._plan(request)
-        if isinstance(plan, ToolMessage):
-            return plan
-        try:
-            result = await handler(plan.request)
-        except BaseException as exc:
-            _settle_raised(self.guard, plan.decision, exc)
-            raise
-        return self._finish(plan, result)
-
-    # -- the end of the run (runs once, when the agent finishes; not when it pauses)
-
-    def _end_run(self, runtime: Runtime[Any]) -> None:
-        context = getattr(runtime, "context", None)
-        token = token_from_context(context)
-        if token is not None and _end_on_finish(context):
-            _end_execution(self.guard.end_execution, token, "completed")
+            self, request: ToolCallRequest,
+            handler: Callable[[ToolCallRequest], Awaitable[ToolResult]]) -> ToolResult:
+        return await self._calls.awrap(request, handler)
 
     def after_agent(self, state: AgentState[Any], runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """The run finished: its execution ends (unless the context opted out)."""
-        self._end_run(runtime)
+        """The run finished (not paused): its execution ends unless the context opted out."""
+        context = getattr(runtime, "context", None)
+        token = token_from_context(context)
+        if token is not None and _attr(context, "aiam_end_on_finish") is not False:
+            _end(self.guard.end_execution, token, "completed")
         return None
 
     async def aafter_agent(self, state: AgentState[Any],
                            runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """The run finished: its execution ends (unless the context opted out)."""
-        self._end_run(runtime)
-        return None
+        """The run finished (not paused): its execution ends unless the context opted out."""
+        return self.after_agent(state, runtime)
 
 
-def guarded_tool_node(
-    tools: Sequence[BaseTool | Callable[..., Any]],
-    guard: Guard,
-    *,
-    name: str = "tools",
-    model_name: str | None = None,
-    on_approval: ApprovalMode = "interrupt",
-    require_model_message: bool = True,
-    **tool_node_kwargs: Any,
-) -> ToolNode:
-    """A LangGraph ``ToolNode`` whose every call goes through :class:`GuardMiddleware`'s wrapper.
+def guarded_tool_node(tools: Iterable[BaseTool | Callable[..., Any]], guard: Guard, *,
+                      name: str = "tools", model_name: str | None = None,
+                      on_approval: ApprovalMode = "interrupt", require_model_message: bool = True,
+                      agent_id: str | None = None, **tool_node_kwargs: Any) -> ToolNode:
+    """A LangGraph ``ToolNode`` whose every call is mediated (the caller ends the execution)."""
+    calls = _ToolCalls(guard, agent_id, model_name, on_approval, require_model_message)
+    return ToolNode(list(tools), name=name, wrap_tool_call=calls.wrap,
+                    awrap_tool_call=calls.awrap, **tool_node_kwargs)
 
-    The graph needs ``context_schema`` (e.g. :class:`IAMContext`) and the run ``context=``.
+
+# --- protect(): guard an existing agent in one call ------------------------------------------
+
+
+def _end(end: Callable[..., None], token: Token, reason: str) -> None:
+    """End an execution; a failure is logged (the work is done, the token still expires)."""
+    try:
+        end(token, reason=reason)
+    except Exception as exc:
+        log.warning("could not end the execution (%s): %s", reason, type(exc).__name__)
+
+
+def _tool_nodes(graph: Pregel[Any, Any, Any, Any], seen: set[int]) -> Iterator[ToolNode]:
+    if id(graph) in seen:
+        return
+    seen.add(id(graph))
+    for node in graph.nodes.values():
+        bound = getattr(node, "bound", None)
+        if isinstance(bound, ToolNode):
+            yield bound
+        elif isinstance(bound, Pregel):
+            yield from _tool_nodes(bound, seen)
+
+
+def _guard_node(node: ToolNode, calls: _ToolCalls) -> None:
+    """Make ``calls`` the innermost wrapper of ``node``: it sees the final arguments and tool,
+    for every call the node runs, whatever tools it holds now or later."""
+    outer, aouter = node._wrap_tool_call, node._awrap_tool_call
+
+    def wrap(request: ToolCallRequest, execute: Callable[..., Any]) -> Any:
+        inner: Callable[[ToolCallRequest], Any] = lambda req: calls.wrap(req, execute)  # noqa: E731
+        return outer(request, inner) if outer is not None else inner(request)
+
+    async def awrap(request: ToolCallRequest, execute: Callable[..., Any]) -> Any:
+        inner: Callable[[ToolCallRequest], Any] = lambda req: calls.awrap(req, execute)  # noqa: E731
+        return await (aouter(request, inner) if aouter is not None else inner(request))
+
+    node._wrap_tool_call = wrap
+    # A sync-only chain stays sync: ToolNode then runs it with a sync executor on async runs.
+    node._awrap_tool_call = awrap if aouter is not None or outer is None else None
+
+
+@dataclass
+class _Run:
+    """One run of a protected graph: the context it runs with and what to end after it."""
+
+    context: object
+    ends: Token | None = None
+    always: bool = False
+    paused: bool = False
+
+    def close(self, end: Callable[..., None], failed: bool) -> None:
+        if self.ends is not None and (self.always or not (self.paused or failed)):
+            reason = "failed" if failed else ("interrupted" if self.paused else "completed")
+            _end(end, self.ends, reason)
+
+    def saw(self, chunk: object) -> object:
+        part = chunk[-1] if isinstance(chunk, tuple) and chunk else chunk
+        self.paused = self.paused or (isinstance(part, Mapping) and "__interrupt__" in part)
+        return chunk
+
+
+def _begin(guard: Guard, broker: DelegationBroker | None, agent_id: str | None,
+           context: object) -> _Run:
+    token = _run_token(context)
+    own = token_from_context(context) is not None
+    if token is None or agent_id is None or broker is None:
+        return _Run(context, token if own and _attr(context, "aiam_end_on_finish") is not False
+                    else None)
+    try:
+        agent = guard.verifier.verify(_raw(token), check_revocation=False).agent_id
+    except TokenError:
+        agent = agent_id  # unusable: the Guard refuses (and records) every call
+    if agent == agent_id:
+        ends = own and _attr(context, "aiam_end_on_finish") is not False
+        return _Run(context, token if ends else None)
+    # A parent's token (this agent was called from a plain tool or a handoff): never run
+    # under it. The child identity lives exactly as long as this run.
+    child = broker.subdelegate_for(token, agent_id)
+    return _Run(IAMContext(child), child, always=True)
+
+
+def protect(agent: G, guard: Guard, *, broker: DelegationBroker | None = None,
+            agent_id: str | None = None, model_name: str | None = None,
+            on_approval: ApprovalMode = "interrupt", require_model_message: bool = True) -> G:
+    """Guard an existing ``create_agent`` agent or compiled LangGraph graph; returns it.
+
+    Mutates ``agent`` in place (idempotent): its ``ToolNode``\\ s mediate every call and its
+    runs carry the right identity (see the module docstring). ``agent_id`` is the registry id
+    this agent runs as; ``broker`` lets it mint a child identity from a parent's token.
     """
-    middleware = GuardMiddleware(guard, model_name=model_name, on_approval=on_approval,
-                                 require_model_message=require_model_message)
-    return ToolNode(tools, name=name, wrap_tool_call=middleware.wrap_tool_call,
-                    awrap_tool_call=middleware.awrap_tool_call, **tool_node_kwargs)
+    if not isinstance(agent, Pregel):
+        raise ConfigurationError(f"protect() takes a create_agent agent or a compiled LangGraph "
+                                 f"graph, not `{type(agent).__name__}`")
+    if getattr(agent, "_aiam_protected", False):
+        return agent
+    nodes = list(_tool_nodes(agent, set()))
+    if not nodes:
+        raise ConfigurationError(f"`{agent.get_name()}` has no ToolNode: nothing to guard")
+    if any(name.startswith("GuardMiddleware.") for name in agent.nodes):
+        warnings.warn("this agent already has GuardMiddleware; protect() guards every tool "
+                      "call on its own (remove the middleware)", UserWarning, stacklevel=2)
+    calls = _ToolCalls(guard, agent_id, model_name, on_approval, require_model_message)
+    for node in nodes:
+        _guard_node(node, calls)
+    stream, astream = agent.stream, agent.astream
+
+    def guarded_stream(input: Any, config: RunnableConfig | None = None, *,
+                       context: Any = None, **kwargs: Any) -> Iterator[Any]:
+        run = _begin(guard, broker, agent_id, context)
+        failed = True
+        try:
+            for chunk in stream(input, config, context=run.context, **kwargs):
+                yield run.saw(chunk)
+            failed = False
+        finally:
+            run.close(guard.end_execution, failed)
+
+    async def guarded_astream(input: Any, config: RunnableConfig | None = None, *,
+                              context: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
+        run = _begin(guard, broker, agent_id, context)
+        failed = True
+        try:
+            async for chunk in astream(input, config, context=run.context, **kwargs):
+                yield run.saw(chunk)
+            failed = False
+        finally:
+            run.close(guard.end_execution, failed)
+
+    # Pregel.invoke/ainvoke run through self.stream/self.astream (langgraph/pregel/main.py).
+    object.__setattr__(agent, "stream", guarded_stream)
+    object.__setattr__(agent, "astream", guarded_astream)
+    object.__setattr__(agent, "_aiam_protected", True)
+    return agent
 
 
 # --- callback handler (observe only) ----------------------------------------------------------
 
 
-def _usage(response: LLMResult) -> tuple[int, int, str | None, list[AIMessage]]:
-    """Input/output tokens, model name and the AI messages of one LLM result."""
-    input_tokens = output_tokens = 0
-    found = False
-    model: str | None = None
-    messages: list[AIMessage] = []
-    for generations in response.generations:
-        for generation in generations:
-            message = getattr(generation, "message", None)
-            if not isinstance(message, AIMessage):
-                continue
-            messages.append(message)
-            model = model or _model_name(message, None)
-            usage = message.usage_metadata
-            if usage:
-                found = True
-                input_tokens += int(usage.get("input_tokens") or 0)
-                output_tokens += int(usage.get("output_tokens") or 0)
-    output = response.llm_output or {}
-    if isinstance(output.get("model_name"), str):
-        model = model or output["model_name"]
-    if not found:
-        counts = output.get("token_usage") or output.get("usage") or {}
-        if isinstance(counts, Mapping):
-            input_tokens = int(counts.get("prompt_tokens") or counts.get("input_tokens") or 0)
-            output_tokens = int(counts.get("completion_tokens")
-                                or counts.get("output_tokens") or 0)
-    return input_tokens, output_tokens, model, messages
+def _usage(response: LLMResult) -> tuple[int, int, list[AIMessage]]:
+    """Input/output tokens and the AI messages of one LLM result."""
+    found = (getattr(g, "message", None) for gens in response.generations for g in gens)
+    messages = [m for m in found if isinstance(m, AIMessage)]
+    usages = [m.usage_metadata for m in messages if m.usage_metadata]
+    if usages:
+        return (sum(int(u.get("input_tokens") or 0) for u in usages),
+                sum(int(u.get("output_tokens") or 0) for u in usages), messages)
+    counts = (response.llm_output or {}).get("token_usage") or {}
+    if not isinstance(counts, Mapping):
+        return 0, 0, messages
+    return (int(counts.get("prompt_tokens") or counts.get("input_tokens") or 0),
+            int(counts.get("completion_tokens") or counts.get("output_tokens") or 0), messages)
 
 
 class IAMCallbackHandler(BaseCallbackHandler):
     """Charges LLM usage to the execution and keeps the model's last messages. Observe only.
 
-    LangChain swallows callback exceptions, so this handler cannot enforce anything; the
-    Guard does (a charged-out ``llm_tokens`` budget denies the next tool call). Attach it per
-    run: ``config={"callbacks": [IAMCallbackHandler(guard, token)]}``.
+    LangChain swallows this handler's exceptions: the Guard enforces (a charged-out
+    ``llm_tokens`` budget denies the next tool call). Attach it per run:
+    ``config={"callbacks": [IAMCallbackHandler(guard, token)]}``.
     """
 
     raise_error = False
@@ -726,19 +698,16 @@ class IAMCallbackHandler(BaseCallbackHandler):
     def __init__(self, guard: Guard, token: Token, *, model_name: str | None = None,
                  keep: int = 16) -> None:
         super().__init__()
-        self.guard = guard
-        self._token = token
-        self.model_name = model_name
-        self.keep = keep
+        self.guard, self._token, self.model_name, self.keep = guard, token, model_name, keep
         self._lock = threading.Lock()
         self._messages: deque[AIMessage] = deque(maxlen=keep)
         self._by_call: OrderedDict[str, ReasoningContext] = OrderedDict()
         #: Usage charged so far (input and output tokens), and charges that failed.
         self.charged: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
         self.failures = 0
-        # Run lineage, to skip model calls made under a sub-agent's run: LangChain merges the
-        # parent's callbacks into a nested run's config, so this handler sees the child's model
-        # calls too, and the child's own handler already charges them (and every ancestor).
+        # LangChain hands a nested run the parent's callbacks, so this handler also sees a
+        # sub-agent's model calls, which the sub-agent's own handler charges (to every
+        # ancestor): run lineage lets it skip them.
         self._parent_of: OrderedDict[Any, Any] = OrderedDict()
         self._delegated: set[Any] = set()
 
@@ -748,30 +717,23 @@ class IAMCallbackHandler(BaseCallbackHandler):
             with self._lock:
                 self._delegated.add(run_id)
 
-    def _note(self, run_id: Any, parent_run_id: Any) -> None:
+    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: Any,
+                       parent_run_id: Any = None, **kwargs: Any) -> None:
         with self._lock:
             self._parent_of[run_id] = parent_run_id
             while len(self._parent_of) > 4096:
                 self._parent_of.popitem(last=False)
 
-    def _under_subagent(self, run_id: Any, parent_run_id: Any) -> bool:
+    on_tool_start = on_chain_start  # type: ignore[assignment]
+
+    def _under_subagent(self, parent_run_id: Any) -> bool:
         with self._lock:
-            if not self._delegated:
-                return False
             current, steps = parent_run_id, 0
-            while current is not None and steps < 256:
+            while self._delegated and current is not None and steps < 256:
                 if current in self._delegated:
                     return True
                 current, steps = self._parent_of.get(current), steps + 1
             return False
-
-    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: Any,
-                       parent_run_id: Any = None, **kwargs: Any) -> None:
-        self._note(run_id, parent_run_id)
-
-    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: Any,
-                      parent_run_id: Any = None, **kwargs: Any) -> None:
-        self._note(run_id, parent_run_id)
 
     def __repr__(self) -> str:
         return f"IAMCallbackHandler(charged={self.charged}, failures={self.failures})"
@@ -788,25 +750,25 @@ class IAMCallbackHandler(BaseCallbackHandler):
 
     def reasoning_for(self, tool_call_id: str | None) -> ReasoningContext | None:
         """The reasoning context of the model message that asked for ``tool_call_id``."""
-        if not tool_call_id:
-            return None
         with self._lock:
-            return self._by_call.get(tool_call_id)
+            return self._by_call.get(tool_call_id) if tool_call_id else None
 
     def on_llm_end(self, response: LLMResult, *, run_id: Any,
                    parent_run_id: Any = None, **kwargs: Any) -> None:
-        if self._under_subagent(run_id, parent_run_id):
+        if self._under_subagent(parent_run_id):
             return
-        input_tokens, output_tokens, model, messages = _usage(response)
-        model = model or self.model_name
+        input_tokens, output_tokens, messages = _usage(response)
+        contexts = [_reasoning(m, model=None, run_id=run_id, parent_run_id=parent_run_id)
+                    for m in messages]
+        named = (response.llm_output or {}).get("model_name")
+        model = next((c.model for c in contexts if c.model), None) or (
+            named if isinstance(named, str) and named else self.model_name)
         with self._lock:
-            for message in messages:
+            for message, context in zip(messages, contexts, strict=True):
                 self._messages.append(message)
-                context = _reasoning(message, model=model, run_id=run_id,
-                                     parent_run_id=parent_run_id)
-                for call in message.tool_calls:
-                    if call.get("id"):
-                        self._by_call[str(call["id"])] = context
+                context = replace(context, model=context.model or model)
+                self._by_call.update((str(c["id"]), context) for c in message.tool_calls
+                                     if c.get("id"))
                 while len(self._by_call) > 4 * self.keep:
                     self._by_call.popitem(last=False)
         if input_tokens + output_tokens <= 0:
@@ -815,7 +777,7 @@ class IAMCallbackHandler(BaseCallbackHandler):
             self.guard.charge_usage(self._token, input_tokens=input_tokens,
                                     output_tokens=output_tokens, model=model,
                                     framework=FRAMEWORK)
-        except Exception as exc:  # observe-only; the local record is kept
+        except Exception as exc:  # observe-only; the failure is counted and logged
             self.failures += 1
             log.warning("could not charge %d LLM tokens: %s", input_tokens + output_tokens,
                         type(exc).__name__)
@@ -828,27 +790,12 @@ class IAMCallbackHandler(BaseCallbackHandler):
 # --- wrapped tools for other executors ------------------------------------------------------
 
 
-def _visible_arguments(tool: BaseTool) -> frozenset[str] | None:
-    """The argument names the model supplies (injected arguments excluded)."""
-    try:
-        schema = tool.tool_call_schema
-    except Exception:
-        return None
-    if isinstance(schema, Mapping):
-        properties = schema.get("properties")
-        return frozenset(properties) if isinstance(properties, Mapping) else None
-    fields = getattr(schema, "model_fields", None)
-    return frozenset(fields) if isinstance(fields, Mapping) else None
-
-
 class GuardedTool(BaseTool):
-    """A tool that asks the Guard before every run of the tool it wraps (see :func:`guard_tools`).
+    """A tool mediated by the Guard on every run (see :func:`guard_tools`).
 
-    ``run``/``arun`` (and so ``invoke``/``ainvoke``) authorize the model's arguments, run the
-    wrapped tool with the checked copy (injected arguments such as ``ToolRuntime`` are passed
-    through untouched), screen its output and settle the call. A refusal is returned as the
-    tool's error output, like ``handle_tool_error=True``: a ``ToolMessage(status="error")`` when
-    called with a tool call, else the message text.
+    ``run``/``arun`` (and so ``invoke``/``ainvoke``) mediate the model's arguments and run the
+    wrapped tool with the checked copy (injected arguments such as ``ToolRuntime`` pass through
+    untouched). A refusal is the tool's error output, as with ``handle_tool_error=True``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -863,17 +810,19 @@ class GuardedTool(BaseTool):
     def __init__(self, inner: BaseTool, guard: Guard, token: Token, *,
                  observer: IAMCallbackHandler | None = None,
                  on_approval: ApprovalMode = "refuse") -> None:
-        super().__init__(
-            name=inner.name, description=inner.description, args_schema=inner.args_schema,
-            return_direct=inner.return_direct, response_format=inner.response_format,
-            tags=inner.tags, metadata=inner.metadata, extras=inner.extras,
-        )
-        self._inner = inner
-        self._guard = guard
-        self._token = token
-        self._observer = observer
-        self._on_approval = on_approval
-        self._visible = _visible_arguments(inner)
+        super().__init__(name=inner.name, description=inner.description,
+                         args_schema=inner.args_schema, return_direct=inner.return_direct,
+                         response_format=inner.response_format, tags=inner.tags,
+                         metadata=inner.metadata, extras=inner.extras)
+        self._inner, self._guard, self._token = inner, guard, token
+        self._observer, self._on_approval = observer, on_approval
+        try:  # the argument names the model supplies (injected ones excluded)
+            schema = inner.tool_call_schema
+            fields = schema.get("properties") if isinstance(schema, Mapping) \
+                else getattr(schema, "model_fields", None)
+            self._visible = frozenset(fields) if isinstance(fields, Mapping) else None
+        except Exception:
+            self._visible = None
 
     @property
     def wrapped(self) -> BaseTool:
@@ -892,121 +841,65 @@ class GuardedTool(BaseTool):
     def get_input_schema(self, config: RunnableConfig | None = None) -> Any:
         return self._inner.get_input_schema(config)
 
-    @property
-    def func(self) -> Any:
-        return getattr(self._inner, "func", None)
-
-    @property
-    def coroutine(self) -> Any:
-        return getattr(self._inner, "coroutine", None)
-
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("GuardedTool runs through run()/arun()")
 
-    # -- the guarded entry points
+    def _call(self, tool_input: str | dict[str, Any],
+              tool_call_id: str | None) -> tuple[ToolCall, dict[str, Any]]:
+        """The call as the model made it, and the injected values the framework added."""
+        visible = self._visible
+        if isinstance(tool_input, str) and visible is not None and len(visible) == 1:
+            model, injected = {next(iter(visible)): tool_input}, {}
+        elif isinstance(tool_input, Mapping):
+            model = {k: v for k, v in tool_input.items() if visible is None or k in visible}
+            injected = {k: v for k, v in tool_input.items() if k not in model}
+        else:  # not an argument object: the Guard refuses it (arguments.invalid)
+            model, injected = tool_input, {}  # type: ignore[assignment]
+        reasoning = self._observer.reasoning_for(tool_call_id) if self._observer else None
+        return ToolCall(self.name, model, tool_call_id, reasoning or ReasoningContext(),
+                        FRAMEWORK), injected
 
-    def _split(self, tool_input: str | dict[str, Any]) -> tuple[object, dict[str, Any]]:
-        """(what the model supplied, injected values the framework added)."""
-        if isinstance(tool_input, str):
-            visible = sorted(self._visible or ())
-            return ({visible[0]: tool_input} if len(visible) == 1 else tool_input), {}
-        if not isinstance(tool_input, Mapping):
-            return tool_input, {}
-        if self._visible is None:
-            return dict(tool_input), {}
-        model = {k: v for k, v in tool_input.items() if k in self._visible}
-        injected = {k: v for k, v in tool_input.items() if k not in self._visible}
-        return model, injected
+    def _result(self, done: Mediated[Any], tool_call_id: str | None) -> Any:
+        if done.status in ("ran", "replayed"):
+            return done.value
+        text = done.refusal or done.decision.model_message()
+        return text if tool_call_id is None else _refusal(
+            {"id": tool_call_id, "name": self.name}, text)
 
-    def _decide(self, tool_input: str | dict[str, Any],
-                tool_call_id: str | None) -> tuple[Decision, dict[str, Any]] | str:
-        try:
-            arguments, injected = self._split(tool_input)
-            reasoning = (self._observer.reasoning_for(tool_call_id) if self._observer else None)
-            call = ToolCall(self.name, cast("Mapping[str, Any]", arguments), tool_call_id,
-                            reasoning or ReasoningContext(), FRAMEWORK)
-            decision = self._guard.authorize(self._token, call)
-            if decision.outcome == "approval_required":
-                answered = _await_approval(self._guard, self._token, call, decision,
-                                           self._on_approval)
-                if isinstance(answered, str):
-                    return answered
-                decision = answered
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:  # fail closed
-            log.warning("access check for `%s` failed: %s", self.name, type(exc).__name__)
-            return f"The call to `{self.name}` was refused: the access check failed."
-        if not decision.allowed:
-            return decision.model_message()
-        return decision, {**injected, **decision.arguments}
-
-    def _refused(self, text: str, tool_call_id: str | None) -> Any:
-        if tool_call_id is None:
-            return text
-        return ToolMessage(content=text, tool_call_id=tool_call_id, name=self.name,
-                           status="error")
-
-    def _screened(self, decision: Decision, output: object, tool_call_id: str | None) -> Any:
-        screening = _Screening(self._guard, decision)
-        try:
-            screened = screening.result(output)
-        except Exception as exc:
-            log.warning("screening `%s` failed: %s", self.name, type(exc).__name__)
-            self._guard.complete(decision, "error")
-            return self._refused("[agentic-iam: tool output blocked: screening failed]",
-                                 tool_call_id)
-        self._guard.complete(decision, "error" if screening.error else "success")
-        return screened
+    def _ask(self) -> Callable[[dict[str, Any]], object] | None:
+        return interrupt if self._on_approval == "interrupt" and _can_pause() else None
 
     def run(self, tool_input: str | dict[str, Any], verbose: bool | None = None,
             start_color: str | None = "green", color: str | None = "green",
-            callbacks: Any = None, *, tool_call_id: str | None = None,
-            **kwargs: Any) -> Any:
-        decided = self._decide(tool_input, tool_call_id)
-        if isinstance(decided, str):
-            return self._refused(decided, tool_call_id)
-        decision, checked = decided
-        try:
-            output = self._inner.run(checked, verbose, start_color, color, callbacks,
-                                     tool_call_id=tool_call_id, **kwargs)
-        except BaseException as exc:
-            _settle_raised(self._guard, decision, exc)
-            raise
-        return self._screened(decision, output, tool_call_id)
+            callbacks: Any = None, *, tool_call_id: str | None = None, **kwargs: Any) -> Any:
+        call, injected = self._call(tool_input, tool_call_id)
+        done = self._guard.mediate(
+            self._token, call, lambda args: self._inner.run(
+                {**injected, **args}, verbose, start_color, color, callbacks,
+                tool_call_id=tool_call_id, **kwargs),
+            screen=_screen, failed=_failed, ask=self._ask(), paused=_paused)
+        return self._result(done, tool_call_id)
 
     async def arun(self, tool_input: str | dict[str, Any], verbose: bool | None = None,
                    start_color: str | None = "green", color: str | None = "green",
                    callbacks: Any = None, *, tool_call_id: str | None = None,
                    **kwargs: Any) -> Any:
-        decided = self._decide(tool_input, tool_call_id)
-        if isinstance(decided, str):
-            return self._refused(decided, tool_call_id)
-        decision, checked = decided
-        try:
-            output = await self._inner.arun(checked, verbose, start_color, color, callbacks,
-                                            tool_call_id=tool_call_id, **kwargs)
-        except BaseException as exc:
-            _settle_raised(self._guard, decision, exc)
-            raise
-        return self._screened(decision, output, tool_call_id)
+        call, injected = self._call(tool_input, tool_call_id)
+        done = await self._guard.amediate(
+            self._token, call, lambda args: self._inner.arun(
+                {**injected, **args}, verbose, start_color, color, callbacks,
+                tool_call_id=tool_call_id, **kwargs),
+            screen=_screen, failed=_failed, ask=self._ask(), paused=_paused)
+        return self._result(done, tool_call_id)
 
 
-def guard_tools(
-    tools: Iterable[BaseTool | Callable[..., Any]],
-    guard: Guard,
-    token: Token,
-    *,
-    observer: IAMCallbackHandler | None = None,
-    on_approval: ApprovalMode = "refuse",
-) -> list[BaseTool]:
-    """Wrap tools so that every run is authorized, screened and settled with ``token``.
-
-    For executors other than ``create_agent``/``ToolNode`` (which should use
-    :class:`GuardMiddleware` instead — do not combine both, each call would be decided twice).
-    ``observer`` supplies reasoning context by tool call id; ``on_approval="interrupt"`` pauses a
-    LangGraph run for approval (outside a graph the call is refused and the request stays
-    pending).
+def guard_tools(tools: Iterable[BaseTool | Callable[..., Any]], guard: Guard, token: Token, *,
+                observer: IAMCallbackHandler | None = None,
+                on_approval: ApprovalMode = "refuse") -> list[BaseTool]:
+    """Wrap tools so that every run is mediated with ``token``, for executors other than
+    ``create_agent``/``ToolNode`` (use :func:`protect` there; do not combine both).
+    ``observer`` supplies reasoning context by tool call id; ``on_approval="interrupt"`` pauses
+    a LangGraph run for approval (elsewhere the call is refused and the request stays pending).
     """
     wrapped: list[BaseTool] = []
     for item in tools:
@@ -1031,24 +924,18 @@ class _Invocable(Protocol):
 ContextFactory = Callable[[ExecutionToken], object]
 
 
-def delegated_context(
-    parent: object,
-    broker: DelegationBroker,
-    agent_id: str,
-    *,
-    capabilities: CapabilitiesLike | None = None,
-    ttl: int | None = None,
-    budget: Budget | Mapping[str, int | None] | None = None,
-    purpose: str | None = None,
-    context_factory: ContextFactory = IAMContext,
-) -> object:
+def delegated_context(parent: object, broker: DelegationBroker, agent_id: str, *,
+                      capabilities: CapabilitiesLike | None = None, ttl: int | None = None,
+                      budget: Budget | Mapping[str, int | None] | None = None,
+                      purpose: str | None = None,
+                      context_factory: ContextFactory = IAMContext) -> object:
     """A child run context with a narrower identity minted from the parent's.
 
-    ``parent`` is the parent's run context (or its token). Raises :class:`DelegationError`
-    (e.g. :class:`WideningError`) when the broker refuses. The returned context is always
-    truthy: LangGraph falls back to the parent's context for a falsy one.
+    ``parent`` is the parent's run context or token (``None``: the token bound by ``bind``).
+    Raises :class:`DelegationError` when the broker refuses. The context is always truthy:
+    LangGraph falls back to the parent's context for a falsy one.
     """
-    token = parent if isinstance(parent, (str, ExecutionToken)) else token_from_context(parent)
+    token = parent if isinstance(parent, (str, ExecutionToken)) else _run_token(parent)
     if not token:
         raise DelegationError("the parent run carries no execution token to sub-delegate from")
     child = broker.subdelegate_for(token, agent_id, capabilities=capabilities, ttl=ttl,
@@ -1061,13 +948,10 @@ def delegated_context(
 
 def _child_config(context: object) -> RunnableConfig:
     """The child's config: inherited, but usage handlers re-bound to the child's token."""
-    config = ensure_config()
-    callbacks = config.get("callbacks")
+    callbacks = ensure_config().get("callbacks")
     token = token_from_context(context)
-    if not isinstance(callbacks, BaseCallbackManager) or token is None:
-        return {}
-    ours = [h for h in callbacks.handlers if isinstance(h, IAMCallbackHandler)]
-    if not ours:
+    ours = [h for h in getattr(callbacks, "handlers", []) if isinstance(h, IAMCallbackHandler)]
+    if not isinstance(callbacks, BaseCallbackManager) or token is None or not ours:
         return {}
     manager = callbacks.copy()
     for handler in ours:
@@ -1079,22 +963,21 @@ def _child_config(context: object) -> RunnableConfig:
 
 @contextmanager
 def _child_run(broker: DelegationBroker, context: object) -> Iterator[None]:
-    """The child run of a sub-agent: its execution (minted for it here) ends when the run
-    returns, raises or pauses — always, whatever ``end_on_finish`` says. A paused child is
-    replayed with a freshly minted identity, so nothing needs the old one."""
-    reason = "completed"
+    """The child's execution ends when its run returns, raises or pauses (a replay mints a new
+    one), whatever ``end_on_finish`` says; once, even if the child's own guard ended it."""
+    reason = "failed"
     try:
         yield
+        reason = "completed"
     except GraphInterrupt:
         reason = "interrupted"
-        raise
-    except BaseException:
-        reason = "failed"
         raise
     finally:
         token = token_from_context(context)
         if token is not None:
-            _end_execution(broker.end, token, reason)
+            key = broker.verifier.verify(_raw(token), check_revocation=False).key
+            if key not in broker.store.revoked([key]):
+                _end(broker.end, token, reason)
 
 
 def _default_input(task: str) -> dict[str, Any]:
@@ -1103,33 +986,22 @@ def _default_input(task: str) -> dict[str, Any]:
 
 def _default_output(result: object) -> str:
     messages = _messages_of(result)
-    if messages and isinstance(messages[-1], BaseMessage):
-        return messages[-1].text
-    return str(result)
+    return messages[-1].text if messages and isinstance(messages[-1], BaseMessage) \
+        else str(result)
 
 
-def subagent_tool(
-    agent: _Invocable,
-    *,
-    name: str,
-    description: str,
-    broker: DelegationBroker,
-    agent_id: str,
-    capabilities: CapabilitiesLike | None = None,
-    ttl: int | None = None,
-    budget: Budget | Mapping[str, int | None] | None = None,
-    purpose: str | None = None,
-    context_factory: ContextFactory = IAMContext,
-    build_input: Callable[[str], Any] = _default_input,
-    read_output: Callable[[Any], str] = _default_output,
-) -> BaseTool:
+def subagent_tool(agent: _Invocable, *, name: str, description: str,
+                  broker: DelegationBroker, agent_id: str,
+                  capabilities: CapabilitiesLike | None = None, ttl: int | None = None,
+                  budget: Budget | Mapping[str, int | None] | None = None,
+                  purpose: str | None = None, context_factory: ContextFactory = IAMContext,
+                  build_input: Callable[[str], Any] = _default_input,
+                  read_output: Callable[[Any], str] = _default_output) -> BaseTool:
     """Agent-as-tool: a tool ``name(task: str)`` that runs ``agent`` as ``agent_id`` with a
     narrower identity sub-delegated from the calling run's token, passed as ``context=``.
 
-    The calling agent's Guard decides the call to this tool like any other (register the tool
-    for the parent agent); the child agent needs its own :class:`GuardMiddleware`. If the broker
-    refuses to sub-delegate, the model reads why and nothing runs. ``IAMCallbackHandler``s the
-    child would inherit are re-bound to the child's token.
+    The parent's Guard decides the call to this tool (register it for the parent agent); the
+    child needs its own guard (:func:`protect`). If the broker refuses, the model reads why.
     """
 
     def _prepare(runtime: ToolRuntime[Any, Any]) -> tuple[object, RunnableConfig]:
@@ -1149,31 +1021,19 @@ def subagent_tool(
     async def arun_subagent(task: str, runtime: ToolRuntime[Any, Any]) -> str:
         context, config = _prepare(runtime)
         with _child_run(broker, context):
-            return read_output(await agent.ainvoke(build_input(task), config,
-                                                   context=context))
+            return read_output(await agent.ainvoke(build_input(task), config, context=context))
 
-    return StructuredTool.from_function(
-        func=run_subagent, coroutine=arun_subagent, name=name, description=description,
-        handle_tool_error=True,
-    )
+    return StructuredTool.from_function(func=run_subagent, coroutine=arun_subagent, name=name,
+                                        description=description, handle_tool_error=True)
 
 
-def subagent_node(
-    graph: _Invocable,
-    *,
-    broker: DelegationBroker,
-    agent_id: str,
-    capabilities: CapabilitiesLike | None = None,
-    ttl: int | None = None,
-    budget: Budget | Mapping[str, int | None] | None = None,
-    purpose: str | None = None,
-    context_factory: ContextFactory = IAMContext,
-) -> Callable[[Any, Runtime[Any]], Any]:
-    """A graph node that runs a compiled subgraph with a narrower, explicitly passed identity.
-
-    Use it instead of adding the subgraph as a node directly (which inherits the parent's
-    context with no hook at the boundary).
-    """
+def subagent_node(graph: _Invocable, *, broker: DelegationBroker, agent_id: str,
+                  capabilities: CapabilitiesLike | None = None, ttl: int | None = None,
+                  budget: Budget | Mapping[str, int | None] | None = None,
+                  purpose: str | None = None,
+                  context_factory: ContextFactory = IAMContext) -> Callable[..., Any]:
+    """A graph node running a compiled subgraph with a narrower, explicitly passed identity
+    (a subgraph added as a node directly inherits the parent's context, with no hook)."""
 
     def node(state: Any, runtime: Runtime[Any]) -> Any:
         context = delegated_context(runtime.context, broker, agent_id,
@@ -1188,95 +1048,55 @@ def subagent_node(
 # --- memory scopes ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FilteredDocuments:
-    """Documents a :class:`ScopedRetriever` dropped for one query."""
-
-    query_digest: str
-    """SHA-256 of the query (the query itself may be sensitive)."""
-    count: int
-    """How many documents were dropped."""
-    ids: tuple[str, ...]
-    """Their ids (``Document.id``, ``metadata["id"]`` or a content digest)."""
-    scopes: tuple[str, ...]
-    """The out-of-scope scope values found (``<missing>`` for documents without one)."""
-
-
 def _document_id(document: Document) -> str:
-    if document.id:
-        return str(document.id)
     meta_id = document.metadata.get("id")
-    if meta_id is not None:
-        return str(meta_id)
-    return "sha256:" + hashlib.sha256(document.page_content.encode()).hexdigest()[:16]
+    return str(document.id) if document.id else str(meta_id) if meta_id is not None else (
+        "sha256:" + hashlib.sha256(document.page_content.encode()).hexdigest()[:16])
 
 
 class ScopedRetriever(BaseRetriever):
-    """Keeps only documents whose ``metadata[scope_key]`` is one of the agent's memory scopes.
+    """Keeps only documents the run's grant may read (:meth:`Guard.filter_memory`).
 
-    Fail closed: a document without a scope, or whose scope is not a non-empty string, is
-    dropped. Scopes match exactly (no wildcards). Every drop is recorded in :attr:`filtered`
-    (bounded, newest last) and logged with the document ids (never their content).
+    A document is kept when ``metadata[scope_key]`` is one of the token's memory scopes (exact
+    match; a document without a scope is dropped). The token is checked on every query — a
+    revoked, ended or expired run reads nothing — and every retrieval is in the audit log
+    (``memory.retrieved``: kept and dropped ids with their scopes, never the content). The token
+    is ``token`` if given, else the run's (its context, or the one bound by ``bind``).
     """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     retriever: BaseRetriever
     """The retriever being filtered."""
-    scopes: frozenset[str]
-    """The memory scopes the agent may read."""
+    guard: Guard
+    """The Guard that checks the token and records the retrieval."""
+    token: Token | None = Field(default=None, repr=False)
+    """A fixed execution token; ``None``: the token of the run the query runs in."""
     scope_key: str = "scope"
     """The metadata key holding a document's scope."""
-    agent_id: str | None = None
-    """For log lines."""
-    max_records: int = 1000
-    """How many :class:`FilteredDocuments` records :attr:`filtered` keeps."""
-    filtered: list[FilteredDocuments] = Field(default_factory=list)
-    """What was dropped, one record per query that dropped anything."""
 
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-
-    def __init__(self, retriever: BaseRetriever, agent_spec_or_scopes: AgentSpec | Iterable[str],
-                 *, scope_key: str = "scope", **kwargs: Any) -> None:
-        if isinstance(agent_spec_or_scopes, AgentSpec):
-            scopes, agent_id = agent_spec_or_scopes.memory_scopes, agent_spec_or_scopes.id
-        elif isinstance(agent_spec_or_scopes, str):
-            raise TypeError("pass an AgentSpec or a collection of scopes, not one string")
-        else:
-            scopes, agent_id = frozenset(agent_spec_or_scopes), kwargs.pop("agent_id", None)
-        fields: dict[str, Any] = {"retriever": retriever, "scopes": frozenset(scopes),
-                                  "scope_key": scope_key, "agent_id": agent_id, **kwargs}
+    def __init__(self, retriever: BaseRetriever, guard: Guard, *, token: Token | None = None,
+                 scope_key: str = "scope", **kwargs: Any) -> None:
+        if not isinstance(guard, Guard):
+            raise TypeError("ScopedRetriever(retriever, guard): memory scopes come from the "
+                            "run's token, checked by the Guard, not from a list of scopes")
+        fields: dict[str, Any] = {"retriever": retriever, "guard": guard, "token": token,
+                                  "scope_key": scope_key, **kwargs}
         super().__init__(**fields)
 
-    def _keep(self, query: str, documents: Sequence[Document]) -> list[Document]:
-        kept: list[Document] = []
-        dropped: list[Document] = []
-        seen: set[str] = set()
-        for document in documents:
-            scope = document.metadata.get(self.scope_key)
-            if isinstance(scope, str) and scope and scope in self.scopes:
-                kept.append(document)
-            else:
-                dropped.append(document)
-                seen.add(scope if isinstance(scope, str) and scope else "<missing>")
-        if dropped:
-            record = FilteredDocuments(
-                query_digest=hashlib.sha256(query.encode()).hexdigest(),
-                count=len(dropped), ids=tuple(_document_id(d) for d in dropped),
-                scopes=tuple(sorted(seen)))
-            with self._lock:
-                self.filtered.append(record)
-                del self.filtered[:-self.max_records]
-            log.info("memory scopes: dropped %d document(s) for agent `%s` (scopes %s): %s",
-                     record.count, self.agent_id or "-", ", ".join(record.scopes),
-                     ", ".join(record.ids))
-        return kept
+    def _keep(self, query: str, documents: list[Document]) -> list[Document]:
+        filtered = self.guard.filter_memory(
+            self.token or _run_token(), documents, id_of=_document_id, query=query,
+            scope_of=lambda d: d.metadata.get(self.scope_key), framework=FRAMEWORK)
+        return list(filtered.kept)
 
     def _get_relevant_documents(self, query: str, *,
                                 run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        documents = self.retriever.invoke(query, {"callbacks": run_manager.get_child()})
-        return self._keep(query, documents)
+        return self._keep(query, self.retriever.invoke(
+            query, {"callbacks": run_manager.get_child()}))
 
     async def _aget_relevant_documents(
-        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+            self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
     ) -> list[Document]:
-        documents = await self.retriever.ainvoke(query, {"callbacks": run_manager.get_child()})
-        return self._keep(query, documents)
+        return self._keep(query, await self.retriever.ainvoke(
+            query, {"callbacks": run_manager.get_child()}))
