@@ -277,8 +277,9 @@ class Delegation(ExecutionToken):
         with self._life.lock:
             if self._life.ended:
                 return
+            # Marked ended only once it is: after a failure (store down) a retry ends it.
+            self._life.end(reason)
             self._life.ended = True
-        self._life.end(reason)
 
     def __enter__(self) -> Delegation:
         with self._life.lock:

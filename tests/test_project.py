@@ -182,6 +182,27 @@ def test_a_delegation_cannot_be_bound_twice_at_once(iam: Project) -> None:
     assert token.ended
 
 
+def test_a_failure_to_end_is_raised_and_can_be_retried(iam: Project,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentic_iam import StoreUnavailableError
+
+    real = iam.guard.end_execution
+
+    def store_down(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailableError("store down")
+
+    monkeypatch.setattr(iam.guard, "end_execution", store_down)
+    with pytest.raises(StoreUnavailableError), \
+            iam.delegate("alice@example.com", "refund", REFUND_CAPS) as token:
+        pass
+    assert not token.ended and current_token() is None
+    assert iam.guard.authorize(token, refund(10)).outcome == "allow"  # still alive: said loudly
+    monkeypatch.setattr(iam.guard, "end_execution", real)
+    token.end()
+    assert token.ended
+    assert iam.guard.authorize(token, refund(10)).reasons[0].code == "token.revoked"
+
+
 def test_copies_of_a_delegation_are_plain_tokens(iam: Project) -> None:
     token = iam.delegate(Workload("nightly-job"), "refund", REFUND_CAPS)
     for clone in (copy.copy(token), copy.deepcopy(token), pickle.loads(pickle.dumps(token))):
