@@ -25,9 +25,9 @@ built-in ``handoff`` tool), so nothing about the tool list has to be known in ad
 - Sub-agents never act under the parent's identity: a handoff mints the receiving agent a token
   with ``broker.subdelegate_for`` (``handoff_capabilities`` narrows it further); a guarded agent
   started from a tool, whose bound token belongs to another agent, mints its own child the same
-  way (no broker: every call is refused, ``identity.agent_mismatch``); :func:`agent_tool` does it
-  explicitly. Minted identities always end with their run; the root one too unless
-  ``end_on_finish=False``.
+  way (no broker: every call is refused, ``identity.agent_mismatch``), so a plain tool running
+  ``await sub_agent.run(user_msg=task)`` is all agent-as-tool needs. Minted identities always
+  end with their run; the root one too unless ``end_on_finish=False``.
 - Unguarded paths are refused loudly: a ``FunctionTool`` run while an execution token is bound but
   outside a mediation of that tool raises (a stock agent the user forgot to protect, a stock
   sub-agent inside a guarded tool, a direct call), and a guarded agent placed in a stock
@@ -126,7 +126,7 @@ from agentic_iam.core.binding import bind, current_token
 from agentic_iam.core.broker import CapabilitiesLike, DelegationBroker
 from agentic_iam.core.decision import ReasoningContext, ToolCall
 from agentic_iam.core.guard import Guard, Screened
-from agentic_iam.core.identity import Budget, ExecutionIdentity
+from agentic_iam.core.identity import ExecutionIdentity
 from agentic_iam.core.mediation import Mediated, current_decision
 from agentic_iam.core.tokens import ExecutionToken
 from agentic_iam.errors import AgenticIAMError, ConfigurationError, TokenError
@@ -141,7 +141,6 @@ __all__ = [
     "IAMInstrumentation",
     "ScopeFilter",
     "ScopedRetriever",
-    "agent_tool",
     "bind_identity",
     "guard_tools",
     "install_instrumentation",
@@ -165,6 +164,7 @@ _NO_MESSAGE = ("The call to `{tool}` was refused by the access layer and was not
                "no model message asked for it.")
 _FAILED = "The call to `{tool}` was refused: the access check failed."
 _NOT_FOUND = "Tool {tool} not found. Please select a tool that is available."  # stock wording
+_POSITIONAL = "a guarded tool takes keyword arguments only"
 
 
 def _control_flow(exc: BaseException) -> bool:
@@ -284,16 +284,13 @@ async def _update(ctx: Context, change: Callable[[_Run], _Run]) -> None:
         state[_STORE_KEY] = asdict(change(_Run.load(state.get(_STORE_KEY, None))))
 
 
-async def bind_identity(ctx: Context, token: Token, *, nested: bool = False,
-                        parent_run_id: str | None = None, end_on_finish: bool = True) -> None:
+async def bind_identity(ctx: Context, token: Token, *, end_on_finish: bool = True) -> None:
     """Bind ``token`` to the run of ``ctx`` (before ``workflow.run(..., ctx=ctx)``).
 
-    ``nested``: a sub-run whose input a model wrote (approvals refused, always ends).
     ``end_on_finish=False`` keeps the root execution after the run, for a conversation of several
     runs in one ``Context`` (end it with ``guard.end_execution``); minted identities end anyway.
     """
-    await ctx.store.set(_STORE_KEY, asdict(_Run(root=_raw(token), nested=nested, bound=True,
-                                                parent_run_id=parent_run_id,
+    await ctx.store.set(_STORE_KEY, asdict(_Run(root=_raw(token), bound=True,
                                                 end_on_finish=end_on_finish is not False)))
 
 
@@ -309,9 +306,23 @@ async def run_with_identity(workflow: BaseWorkflowAgent | AgentWorkflow,
     return workflow.run(user_msg=user_msg, ctx=ctx, **run_kwargs)
 
 
-def _end(guard: Guard, token: str, reason: str) -> None:
+# Tokens minted while a tool runs (by the sub-runs it starts): the tool's mediation ends those
+# whose run failed before it could end them (a failed run has no StopEvent).
+_MINTED: ContextVar[list[str] | None] = ContextVar("aiam_li_minted", default=None)
+
+
+def _minted(token: str) -> str:
+    collected = _MINTED.get()
+    if collected is not None:
+        collected.append(token)
+    return token
+
+
+def _end(guard: Guard, token: str, reason: str, *, once: bool = False) -> None:
     try:
-        guard.end_execution(token, reason=reason)
+        key = guard.verifier.verify(token, check_revocation=False).key
+        if not (once and guard.store.revoked([key])):
+            guard.end_execution(token, reason=reason)
     except Exception as exc:  # the token still expires at its `exp`; the run's work is done
         log.warning("could not end an execution (%s): %s", reason, type(exc).__name__)
 
@@ -550,7 +561,7 @@ class _Guarded:
             owner = want  # the Guard refuses it at each call, with the reason
         if owner != want and s.broker is not None:
             try:
-                child = s.broker.subdelegate_for(token, want).token
+                child = _minted(s.broker.subdelegate_for(token, want).token)
                 run = replace(run, root=child, minted=(child,), nested=True,
                               parent_run_id=_run_id())
             except AgenticIAMError as exc:  # each call is refused: identity.agent_mismatch
@@ -622,8 +633,16 @@ class _Guarded:
 
         async def run_tool(arguments: dict[str, Any]) -> ToolOutput:
             assert token is not None  # an allow needs a verified token
-            with bind(token):  # a sub-agent started by the tool finds (and narrows) it
-                return cast(ToolOutput, await cast(Any, self)._call_tool(ctx, tool, arguments))
+            minted: list[str] = []
+            reset = _MINTED.set(minted)
+            try:
+                with bind(token):  # a sub-agent started by the tool finds (and narrows) it
+                    return cast(ToolOutput, await cast(Any, self)._call_tool(ctx, tool,
+                                                                             arguments))
+            finally:
+                _MINTED.reset(reset)
+                for child in minted:  # a sub-run that finished has ended them already
+                    _end(s.guard, child, "failed", once=True)
 
         async def ask(payload: dict[str, Any]) -> object:
             await ctx.store.set(paused_key, True)
@@ -693,8 +712,8 @@ class _Guarded:
         if parent.agent_id == target_id and target not in s.handoff_capabilities:
             return token  # the same registry agent under another name: the same identity
         # The broker decides (registry `may_delegate_to`, narrowing) and records it.
-        return s.broker.subdelegate_for(
-            token, target_id, capabilities=s.handoff_capabilities.get(target)).token
+        return _minted(s.broker.subdelegate_for(
+            token, target_id, capabilities=s.handoff_capabilities.get(target)).token)
 
     @step
     async def run_agent_step(self, ctx: Context, ev: AgentSetup) -> AgentOutput:
@@ -847,48 +866,13 @@ GuardedReActAgent = _shorthand(ReActAgent)
 GuardedAgentWorkflow = _shorthand(AgentWorkflow)
 
 
-# --- agent-as-tool -------------------------------------------------------------------------------
-
-
-def agent_tool(workflow: BaseWorkflowAgent | AgentWorkflow, *, name: str, description: str,
-               broker: DelegationBroker, agent_id: str | None = None,
-               capabilities: CapabilitiesLike | None = None,
-               budget: Budget | Mapping[str, int | None] | None = None) -> FunctionTool:
-    """``name(task: str)`` runs the protected ``workflow`` in a fresh ``Context`` under an
-    identity sub-delegated from the calling agent's (``broker.subdelegate_for``; narrower with
-    ``capabilities``/``budget``), which ends with the sub-run. Register ``name`` for the caller."""
-    if not isinstance(workflow, _Guarded):
-        raise TypeError("agent_tool needs a protected workflow (its tool calls must be decided)")
-    target = agent_id or workflow._aiam_id(workflow._aiam_root())
-
-    async def run_agent(task: str) -> str:
-        parent = current_token()  # bound by the mediation of this very call
-        if parent is None:
-            raise ConfigurationError(f"`{name}` must be called from a protected workflow")
-        child = broker.subdelegate_for(parent, target, capabilities=capabilities, budget=budget)
-        sub_ctx = Context(workflow)
-        await bind_identity(sub_ctx, child, nested=True, parent_run_id=_run_id())
-        reason = "failed"
-        try:
-            result = await workflow.run(user_msg=task, ctx=sub_ctx)
-            reason = "completed"
-        finally:  # however the sub-run ended (a no-op when its own end already did it)
-            guard = workflow._aiam().guard
-            if (await _load(sub_ctx)).root is not None:
-                _end(guard, child.token, reason)
-        response = getattr(result, "response", None)
-        return str(getattr(response, "content", None) or result)
-
-    return FunctionTool.from_defaults(async_fn=run_agent, name=name, description=description)
-
-
 # --- plain tools ---------------------------------------------------------------------------------
 
 
 class GuardedTool(FunctionTool):
-    """A tool whose every ``call``/``acall`` is mediated with a fixed token (approvals refused;
-    the request stays pending). A refusal is ``ToolOutput(is_error=True)``, never an exception.
-    For tools run outside protected workflows (``llm.predict_and_call``, your own loop)."""
+    """A tool whose every ``call``/``acall`` is mediated with a fixed token (keyword arguments
+    only; approvals refused, the request stays pending). A refusal or an exception of the tool is
+    ``ToolOutput(is_error=True)``. For tools run outside protected workflows."""
 
     def __init__(self, inner: BaseTool, guard: Guard, token: Token, *,
                  model_name: str | None = None) -> None:
@@ -898,63 +882,46 @@ class GuardedTool(FunctionTool):
         super().__init__(fn=cast(Any, real), metadata=inner.metadata)
         self.requires_context, self.ctx_param_name, self.partial_params = False, None, {}
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ToolCall | ToolOutput:
-        name = self.metadata.get_name()
-        if args and not (len(args) == 1 and isinstance(args[0], Mapping) and not kwargs):
-            return _refusal(name, kwargs, "a guarded tool takes keyword arguments only")
-        arguments = dict(args[0]) if args else kwargs
-        return ToolCall(name, arguments, None, ReasoningContext(
+    def _call(self, kwargs: dict[str, Any]) -> ToolCall:
+        return ToolCall(self.metadata.get_name(), kwargs, None, ReasoningContext(
             model=self._model_name, run_id=_run_id(), span_id=active_span_id.get()), FRAMEWORK)
 
-    def _wrap(self, raw: object, arguments: Mapping[str, Any]) -> ToolOutput:
-        if isinstance(raw, ToolOutput):
-            return raw
-        return ToolOutput(content=str(raw), tool_name=self.metadata.get_name(),
-                          raw_input=dict(arguments), raw_output=raw)
-
-    def _error(self, exc: Exception, arguments: Mapping[str, Any]) -> ToolOutput:
-        """A tool's exception as the error output the model reads (screened like any)."""
-        return ToolOutput(content=str(exc) or type(exc).__name__, raw_input=dict(arguments),
-                          tool_name=self.metadata.get_name(), raw_output=None, is_error=True)
+    def _output(self, run: Callable[[], object], arguments: Mapping[str, Any]) -> ToolOutput:
+        name = self.metadata.get_name()
+        try:
+            raw = run()
+        except Exception as exc:  # what the tool raised is the error output the model reads
+            if _control_flow(exc):
+                raise
+            raw = ToolOutput(content=str(exc) or type(exc).__name__, tool_name=name,
+                             raw_input=dict(arguments), raw_output=None, is_error=True)
+        return raw if isinstance(raw, ToolOutput) else ToolOutput(
+            content=str(raw), tool_name=name, raw_input=dict(arguments), raw_output=raw)
 
     # DispatcherSpanMixin would add a second span around the inner tool's own
     # (llama_index_instrumentation/__init__.py); the marker is its idempotency flag.
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
-        call = self._call(args, kwargs)
-        if isinstance(call, ToolOutput):
-            return call
-
-        def run(arguments: dict[str, Any]) -> ToolOutput:
-            try:
-                inner = self._inner
-                raw = inner.call(**arguments) if isinstance(inner, AsyncBaseTool) else cast(
-                    Any, inner)(**arguments)
-                return self._wrap(raw, arguments)
-            except Exception as exc:
-                return self._error(exc, arguments)
-
-        done = self._guard.mediate(self._token, call, run, screen=_screen, failed=_failed)
+        call, inner = self._call(kwargs), cast(Any, self._inner)
+        if args:  # the Guard checks named arguments; positional ones would go unchecked
+            return _refusal(call.name, kwargs, _POSITIONAL)
+        run = inner.call if isinstance(inner, AsyncBaseTool) else inner
+        done = self._guard.mediate(self._token, call, lambda a: self._output(
+            lambda: run(**a), a), screen=_screen, failed=_failed)
         return _output(done, call.name, call.arguments)
 
     async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
-        call = self._call(args, kwargs)
-        if isinstance(call, ToolOutput):
-            return call
+        call, inner = self._call(kwargs), cast(Any, self._inner)
+        if args:
+            return _refusal(call.name, kwargs, _POSITIONAL)
 
-        async def run(arguments: dict[str, Any]) -> ToolOutput:
-            try:
-                inner = self._inner
-                if isinstance(inner, AsyncBaseTool):
-                    return self._wrap(await inner.acall(**arguments), arguments)
-                return self._wrap(await asyncio.to_thread(cast(Any, inner), **arguments),
-                                  arguments)
-            except Exception as exc:
-                if _control_flow(exc):
-                    raise
-                return self._error(exc, arguments)
+        async def run(a: dict[str, Any]) -> ToolOutput:
+            if isinstance(inner, AsyncBaseTool):
+                raw = await inner.acall(**a)
+                return self._output(lambda: raw, a)
+            return await asyncio.to_thread(self._output, lambda: inner(**a), a)
 
-        done = await self._guard.amediate(self._token, call, run, screen=_screen, failed=_failed,
-                                          paused=_control_flow)
+        done = await self._guard.amediate(self._token, call, run, screen=_screen,
+                                          failed=_failed, paused=_control_flow)
         return _output(done, call.name, call.arguments)
 
     setattr(call, DISPATCHER_SPAN_DECORATED_ATTR, True)
@@ -965,14 +932,12 @@ def guard_tools(tools: Iterable[BaseTool | Callable[..., Any]], guard: Guard, to
                 model_name: str | None = None) -> list[GuardedTool]:
     """Wrap tools (``BaseTool`` or plain callables) so that each call is mediated with ``token``.
     Not for a protected workflow (each call would be decided twice)."""
-    wrapped: list[GuardedTool] = []
-    for item in tools:
-        if isinstance(item, GuardedTool):
-            raise ValueError(f"tool `{item.metadata.get_name()}` is already guarded")
-        base = item if isinstance(item, BaseTool) else FunctionTool.from_defaults(item)
-        wrapped.append(GuardedTool(base, guard, token, model_name=model_name))
+    listed = list(tools)
+    if any(isinstance(t, GuardedTool) for t in listed):
+        raise ValueError("a tool is already guarded")
     _install_sentinel()
-    return wrapped
+    return [GuardedTool(t if isinstance(t, BaseTool) else FunctionTool.from_defaults(t), guard,
+                        token, model_name=model_name) for t in listed]
 
 
 # --- instrumentation (observe only) ---------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Agent-as-tool: the sub-agent runs in a fresh Context with an identity sub-delegated from the
-calling agent's (passed explicitly), so it cannot exceed its grant though the parent could."""
+"""Agent-as-tool: a plain tool runs a protected sub-agent. The sub-agent finds the parent's token
+(bound for the tool call), never acts under it, and mints its own narrower identity with the
+broker, so it cannot exceed its grant though the parent could; without a broker it refuses every
+call; a stock sub-agent inside a guarded tool runs nothing."""
 
 from __future__ import annotations
 
@@ -21,10 +23,7 @@ from agentic_iam import (
     Recorder,
 )
 from agentic_iam._resources import default_policies_dir, default_registry_path
-from agentic_iam.errors import ConfigurationError
 from agentic_iam.integrations.llama_index import (
-    GuardedFunctionAgent,
-    agent_tool,
     protect,
     run_with_identity,
 )
@@ -38,7 +37,6 @@ from tests.integrations.llama_index.conftest import (
     chain_ids,
     decided,
     drive,
-    results,
     scripted,
 )
 
@@ -70,58 +68,6 @@ def parent_token(env: Env) -> Any:
     return env.broker.delegate(ALICE, "support-agent", "refund T-1042",
                                ["refund:create amount<=100", "ticket:read", "agent:delegate"],
                                900)
-
-
-async def test_sub_agent_runs_with_a_narrower_identity(
-        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
-    sub_llm = scripted(
-        ai("Refunding 80.", call("create_refund", "s80", amount=80, currency="USD",
-                                 account="acct-alice")),
-        ai("Refunding 20.", call("create_refund", "s20", amount=20, currency="USD",
-                                 account="acct-alice")),
-        ai("Refunded 20; 80 was over my limit."),
-    )
-    refund_bot = GuardedFunctionAgent(name="refund-bot", description="Refunds.",
-                                      tools=[tools["create_refund"]], llm=sub_llm,
-                                      guard=env.guard)
-    ask = agent_tool(refund_bot, name="ask_refund_bot", description="Delegate a refund.",
-                     broker=env.broker, capabilities=["refund:create amount<=20"])
-    parent_llm = scripted(ai("Delegating the refund.",
-                             call("ask_refund_bot", "p1", task="refund 80 then 20 USD")),
-                          ai("The refund bot handled it."))
-    support = GuardedFunctionAgent(name="support-agent", description="Support",
-                                   tools=[ask], llm=parent_llm, guard=env.guard)
-    token = parent_token(env)
-    _, events = await drive(await run_with_identity(support, REQUEST, token))
-
-    # the parent could refund 80; the child, created narrower, could not
-    assert token.identity.capabilities.check(
-        "refund:create", {"amount": 80, "currency": "USD", "account": "acct-alice"}).ok
-    assert backend.executed("create_refund") == [
-        {"amount": 20, "currency": "USD", "account": "acct-alice"}]
-    assert decided(env, "s80").decision.outcome == "deny"
-    child = decided(env, "s20")
-    assert child.agent_id == "refund-bot"
-    assert chain_ids(child) == ["alice@example.com", "support-agent", "refund-bot"]
-    assert child.reasoning.parent_run_id is not None  # linked to the parent's run
-    # the agent tool itself was decided for the parent, and its output screened
-    assert decided(env, "p1").agent_id == "support-agent"
-    assert results(events)["p1"].tool_output.content == "Refunded 20; 80 was over my limit."
-    # the parent's call to the agent tool is an allow without a backend execution
-    backend.record("ask_refund_bot", task="refund 80 then 20 USD")
-
-
-async def test_agent_tool_outside_a_guarded_workflow_fails(
-        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
-    refund_bot = GuardedFunctionAgent(name="refund-bot", description="Refunds.",
-                                      tools=[tools["create_refund"]], llm=scripted(),
-                                      guard=env.guard)
-    ask = agent_tool(refund_bot, name="ask_refund_bot", description="x", broker=env.broker)
-    # (in a workflow, `_call_tool` turns this into an error output the model reads)
-    with pytest.raises(ConfigurationError, match="must be called from a protected workflow"):
-        await ask.acall(task="refund")
-    with pytest.raises(TypeError, match="protected workflow"):
-        agent_tool(object(), name="x", description="x", broker=env.broker)  # type: ignore[arg-type]
 
 
 def ask_tool(sub_agent: Any, backend: Backend) -> FunctionTool:

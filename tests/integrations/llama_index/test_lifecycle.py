@@ -1,7 +1,8 @@
 """Issue 13 item 12 through the LlamaIndex adapter: an execution ends when its workflow finishes
 (a ``StopEvent``; a pause for an approval is not one), identities minted for handoffs and for
-``agent_tool`` sub-runs always end with their run, and ``end_on_finish=False`` keeps the root
-execution for a conversation of several runs in one ``Context``."""
+sub-agents started from a tool always end with their run (a failed one too), and
+``end_on_finish=False`` keeps the root execution for a conversation of several runs in one
+``Context``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.tools import FunctionTool
 from llama_index.core.workflow import Context
 
@@ -29,8 +31,8 @@ from agentic_iam.integrations.llama_index import (
     ApprovalRequestEvent,
     GuardedAgentWorkflow,
     GuardedFunctionAgent,
-    agent_tool,
     bind_identity,
+    protect,
     run_with_identity,
 )
 from tests.conftest import ALICE, AUDIENCE, Env, EnvFactory
@@ -216,22 +218,30 @@ async def test_a_handoff_identity_ends_with_the_run(
         assert identity is not None and identity.execution_id == token.identity.execution_id
 
 
+def ask_tool(sub_agent: Any, backend: Backend) -> FunctionTool:
+    """A plain tool running a protected sub-agent (which mints its own identity)."""
+
+    async def ask_refund_bot(task: str) -> str:
+        """Hand a refund to the refund bot."""
+        backend.record("ask_refund_bot", task=task)
+        return str((await sub_agent.run(user_msg=task)).response.content)
+
+    return FunctionTool.from_defaults(async_fn=ask_refund_bot)
+
+
 @pytest.mark.parametrize("root_ends", [True, False], ids=["root-ends", "root-opts-out"])
-async def test_an_agent_tool_identity_ends_with_the_sub_run(
+async def test_a_sub_agent_identity_ends_with_the_sub_run(
         env: Env, backend: Backend, tools: dict[str, FunctionTool], root_ends: bool) -> None:
-    refund_bot = GuardedFunctionAgent(
+    refund_bot = protect(FunctionAgent(
         name="refund-bot", description="Refunds.", tools=[tools["create_refund"]],
-        llm=scripted(ai("Refunding 20.", call("create_refund", "s1", **REFUND_20))),
-        guard=env.guard)
-    ask = agent_tool(refund_bot, name="ask_refund_bot", description="Delegate a refund.",
-                     broker=env.broker, capabilities=["refund:create amount<=20"])
+        llm=scripted(ai("Refunding 20.", call("create_refund", "s1", **REFUND_20)))),
+        env.guard, broker=env.broker)
     support = GuardedFunctionAgent(
-        name="support-agent", description="Support", tools=[ask],
+        name="support-agent", description="Support", tools=[ask_tool(refund_bot, backend)],
         llm=scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20"))),
         guard=env.guard)
     token = alice_token(env)
     await drive(await run_with_identity(support, REQUEST, token, end_on_finish=root_ends))
-    backend.record("ask_refund_bot", task="refund 20")  # the agent tool's own allow
 
     assert backend.executed("create_refund") == [REFUND_20]
     child = minted(env)
@@ -241,7 +251,7 @@ async def test_an_agent_tool_identity_ends_with_the_sub_run(
     assert alive(env, token) is not root_ends
 
 
-async def test_a_failed_agent_tool_sub_run_ends_its_identity(
+async def test_a_failed_sub_run_ends_its_identity(
         env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
     class Broken(type(scripted())):  # type: ignore[misc]
         async def astream_chat(self, *args: Any, **kwargs: Any) -> Any:
@@ -250,20 +260,17 @@ async def test_a_failed_agent_tool_sub_run_ends_its_identity(
         async def achat(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the sub-agent's model is down")
 
-    refund_bot = GuardedFunctionAgent(name="refund-bot", description="Refunds.",
-                                      tools=[tools["create_refund"]], llm=Broken(),
-                                      guard=env.guard)
-    ask = agent_tool(refund_bot, name="ask_refund_bot", description="Delegate a refund.",
-                     broker=env.broker)
-    support = GuardedFunctionAgent(
-        name="support-agent", description="Support", tools=[ask],
-        llm=scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20"))),
-        guard=env.guard)
+    refund_bot = protect(FunctionAgent(name="refund-bot", description="Refunds.",
+                                       tools=[tools["create_refund"]], llm=Broken()),
+                         env.guard, broker=env.broker)
+    llm = scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20")))
+    support = GuardedFunctionAgent(name="support-agent", description="Support", llm=llm,
+                                   tools=[ask_tool(refund_bot, backend)], guard=env.guard)
     token = alice_token(env)
     await drive(await run_with_identity(support, REQUEST, token, end_on_finish=False))
-    backend.record("ask_refund_bot", task="refund 20")  # the agent tool's own allow
 
     child = minted(env)
     assert len(child) == 1 and revoked(env, child)
     assert ended(env) == [("refund-bot", "failed")]
+    assert "model is down" in llm.tool_results(1)["p1"]
     assert alive(env, token)
