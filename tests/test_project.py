@@ -541,3 +541,56 @@ def test_project_object_and_public_names(iam: Project) -> None:
         assert name in agentic_iam.__all__
     iam.close()
     iam.close()  # idempotent
+
+
+# --- the two lines with a real agent loop -----------------------------------------------------
+
+
+def test_two_line_start_guards_a_langchain_agent(folder: Path) -> None:
+    """`load` + `protect` + a `delegate` block around an existing create_agent agent whose
+    scripted model asks for an allowed refund, one over the grant and an unregistered tool."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    from tests.integrations.langchain.conftest import ai, call, scripted
+
+    ran: list[dict[str, Any]] = []
+
+    @tool
+    def create_refund(amount: int, currency: str, account: str) -> str:
+        """Refund an amount to an account."""
+        ran.append({"amount": amount, "currency": currency, "account": account})
+        return f"refunded {amount} {currency} to {account}"
+
+    @tool
+    def delete_account(account: str) -> str:
+        """Delete an account."""
+        ran.append({"deleted": account})
+        return "deleted"
+
+    model = scripted(ai("Refunding.", call("create_refund", "c1", amount=50, currency="USD",
+                                           account="ACC-1001"),
+                        call("create_refund", "c2", amount=500, currency="USD",
+                             account="ACC-1001"),
+                        call("delete_account", "c3", account="ACC-1001")),
+                     ai("Done."))
+    agent = create_agent(model=model, tools=[create_refund, delete_account])
+
+    with load(folder) as iam:
+        agent = iam.protect(agent, agent_id="support-agent")
+        with iam.delegate("alice@example.com", "refund T-1042", REFUND_CAPS) as token:
+            out = agent.invoke({"messages": [HumanMessage("Refund my double charge.")]})
+        assert iam.guard.authorize(token, refund(10)).reasons[0].code == "token.revoked"
+
+    assert ran == [{"amount": 50, "currency": "USD", "account": "ACC-1001"}]
+    results = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+    assert results["c1"].status == "success"
+    assert results["c2"].status == "error" and "amount" in str(results["c2"].content)
+    assert results["c3"].status == "error"
+    recorded = events(folder)
+    decisions = {e["call_id"]: e["decision"]["outcome"] for e in recorded
+                 if e["event_type"] == "tool_call.decided" and e["call_id"] in ("c1", "c2", "c3")}
+    assert decisions == {"c1": "allow", "c2": "deny", "c3": "deny"}
+    assert [e["execution_id"] for e in recorded if e["event_type"] == "execution.ended"] == [
+        token.identity.execution_id]
