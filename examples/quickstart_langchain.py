@@ -1,18 +1,14 @@
+import tempfile
+
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import tool
 
-from agentic_iam import (AgentRegistry, CedarEngine, DelegationBroker, Guard, Human, KeySet,
-                         default_policies_dir, default_registry_path)
-from agentic_iam.integrations.langchain import GuardMiddleware, IAMContext
+import agentic_iam
 
-registry = AgentRegistry.from_yaml(default_registry_path())
-broker = DelegationBroker(registry, KeySet.generate("https://broker.example.com"),
-                          audience="my-app")
-guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(), registry))
-token = broker.delegate(Human("alice@example.com"), "support-agent", "refund T-1042",
-                        ["refund:create amount<=100"], ttl=900)
+folder = tempfile.mkdtemp()
+agentic_iam.init_project(folder)     # what `aiam init DIR` writes: registry, policies, keys
 
 
 @tool
@@ -27,12 +23,19 @@ class ScriptedModel(FakeMessagesListChatModel):    # stands in for your chat mod
 
 
 model = ScriptedModel(responses=[
-    AIMessage("", tool_calls=[{"name": "create_refund", "id": "c1", "args": {
-        "amount": 500, "currency": "USD", "account": "ACC-1001"}}]),
-    AIMessage("I can only refund up to 100 USD without more authority."),
-])
-agent = create_agent(model, tools=[create_refund], middleware=[GuardMiddleware(guard)],
-                     context_schema=IAMContext)
-result = agent.invoke({"messages": [("user", "Refund 500 USD to ACC-1001")]},
-                      context=IAMContext(token.token))      # the token stays out of the state
-print(result["messages"][2].content)   # the refusal the model read; the tool never ran
+    AIMessage("", tool_calls=[{"name": "create_refund", "id": f"c{amount}", "args": {
+        "amount": amount, "currency": "USD", "account": "ACC-1001"}}]) for amount in (50, 500)
+] + [AIMessage("Refunded 50 USD; 500 was over my limit.")])
+agent = create_agent(model, tools=[create_refund])
+
+iam = agentic_iam.load(folder)
+agent = iam.protect(agent, agent_id="support-agent")    # every tool call now passes the Guard
+
+# Alice delegates one task: refunds up to 100; the execution ends with the block.
+with iam.delegate("alice@example.com", "refund T-1042", ["refund:create amount<=100"]):
+    result = agent.invoke({"messages": [("user", "Refund 50 USD, then 500 USD, to ACC-1001")]})
+for message in result["messages"]:
+    if isinstance(message, ToolMessage):
+        print(message.content)
+# refunded 50 USD to ACC-1001
+# The call to `create_refund` was refused by the access layer and was not run. Reason: ...
