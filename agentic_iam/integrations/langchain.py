@@ -75,6 +75,7 @@ try:
     from langchain_core.runnables.config import ensure_config
     from langchain_core.tools import BaseTool, StructuredTool, ToolException
     from langchain_core.tracers.context import register_configure_hook
+    from langgraph.checkpoint.base import BaseCheckpointSaver
     from langgraph.config import get_config
     from langgraph.errors import GraphInterrupt
     from langgraph.prebuilt import ToolNode
@@ -586,6 +587,11 @@ class _Run:
             reason = "failed" if failed else ("interrupted" if self.paused else "completed")
             _end(end, self.ends, reason)
 
+    def asks(self, checkpointer: object, config: object) -> bool:
+        """Whether to ask the checkpoint if a run that showed no interrupt paused."""
+        return (self.ends is not None and not self.always and not self.paused and bool(config)
+                and isinstance(checkpointer, BaseCheckpointSaver))
+
     def saw(self, chunk: object) -> object:
         part = chunk[-1] if isinstance(chunk, tuple) and chunk else chunk
         self.paused = self.paused or (isinstance(part, Mapping) and "__interrupt__" in part)
@@ -608,7 +614,11 @@ def _begin(guard: Guard, broker: DelegationBroker | None, agent_id: str | None,
         return _Run(context, token if ends else None)
     # A parent's token (this agent was called from a plain tool or a handoff): never run
     # under it. The child identity lives exactly as long as this run.
-    child = broker.subdelegate_for(token, agent_id)
+    try:
+        child = broker.subdelegate_for(token, agent_id)
+    except AgenticIAMError as exc:  # the broker refused: every call is refused (and recorded)
+        log.warning("no identity for `%s` from its caller's: %s", agent_id, exc)
+        return _Run(context)
     return _Run(IAMContext(child), child, always=True)
 
 
@@ -644,6 +654,9 @@ def protect(agent: G, guard: Guard, *, broker: DelegationBroker | None = None,
         try:
             for chunk in stream(input, config, context=run.context, **kwargs):
                 yield run.saw(chunk)
+            # A stream mode that shows no interrupts: ask the checkpoint whether the run paused.
+            if run.asks(agent.checkpointer, config):
+                run.paused = bool(agent.get_state(config or {}).interrupts)
             failed = False
         finally:
             run.close(guard.end_execution, failed)
@@ -655,6 +668,8 @@ def protect(agent: G, guard: Guard, *, broker: DelegationBroker | None = None,
         try:
             async for chunk in astream(input, config, context=run.context, **kwargs):
                 yield run.saw(chunk)
+            if run.asks(agent.checkpointer, config):
+                run.paused = bool((await agent.aget_state(config or {})).interrupts)
             failed = False
         finally:
             run.close(guard.end_execution, failed)

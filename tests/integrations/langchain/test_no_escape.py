@@ -298,6 +298,38 @@ def test_without_a_broker_the_child_refuses_the_parents_token(
     assert refused.decision.reasons[0].code == "identity.agent_mismatch"
 
 
+def test_a_child_the_broker_will_not_mint_runs_nothing(denv: Env, backend: Backend) -> None:
+    """support-agent may not delegate to reconcile-agent: the child's calls are refused (and
+    recorded), the parent's run goes on."""
+    env = denv
+
+    @tool
+    def post_adjustment(account: str, amount: int, reason: str) -> str:
+        """Post a ledger adjustment."""
+        backend.record("post_adjustment", account=account, amount=amount, reason=reason)
+        return "posted"
+
+    child = protect(create_agent(scripted(
+        ai("Adjusting.", call("post_adjustment", "adj", account="acct-1", amount=5,
+                              reason="x")), ai("child done")), tools=[post_adjustment]),
+        env.guard, broker=env.broker, agent_id="reconcile-agent")
+
+    @tool
+    def ask_refund_bot(task: str) -> str:
+        """Runs the reconciliation agent from a plain tool."""
+        backend.record("ask_refund_bot", task=task)
+        return str(child.invoke({"messages": [HumanMessage(task)]})["messages"][-1].text)
+
+    parent = protect(create_agent(
+        scripted(ai("Delegating.", call("ask_refund_bot", "p-ask", task="Adjust")),
+                 ai("done")), tools=[ask_refund_bot]),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    result = parent.invoke(REQUEST_TEXT, context=IAMContext(parent_token(env).token))
+    assert tool_messages(result)["p-ask"].text == "child done"
+    assert backend.executed("post_adjustment") == []
+    assert decided(env, "adj").decision.reasons[0].code == "identity.agent_mismatch"
+
+
 # --- 4. nothing reaches a tool unguarded -----------------------------------------------------
 
 
@@ -470,6 +502,21 @@ def test_protect_approval_resume(env: Env, backend: Backend, tools: dict[str, Ba
     result = agent.invoke(Command(resume=answer), config, context=IAMContext(token.token))
     assert tool_messages(result)["big"].status == ("success" if answer["approved"] else "error")
     assert len(backend.executed("create_refund")) == (1 if answer["approved"] else 0)
+    assert [e.event_type for e in env.sink.events].count("execution.ended") == 1
+
+
+def test_a_paused_stream_does_not_end_the_execution(env: Env, backend: Backend,
+                                                    tools: dict[str, BaseTool]) -> None:
+    """A stream mode that shows no interrupt: the checkpoint says the run paused."""
+    script = [ai("Big refund.", call("create_refund", "big", amount=150, currency="USD",
+                                     account="acct-1")), ai("done")]
+    agent = protected(env, tools, *script, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "messages-mode"}}
+    context = IAMContext(env.refund_token(max_amount=500).token)
+    list(agent.stream(REQUEST_TEXT, config, context=context, stream_mode="messages"))
+    assert not [e for e in env.sink.events if e.event_type == "execution.ended"]
+    agent.invoke(Command(resume=APPROVE), config, context=context)
+    assert len(backend.executed("create_refund")) == 1
     assert [e.event_type for e in env.sink.events].count("execution.ended") == 1
 
 
