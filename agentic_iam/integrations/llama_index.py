@@ -191,14 +191,17 @@ def _refusal(tool: str, arguments: Mapping[str, Any], text: str) -> ToolOutput:
 
 # --- unguarded tool runs are refused -------------------------------------------------------------
 
-# A tool the adapter runs itself outside a Guard decision (the stock `handoff` tool only).
-_TRUSTED: ContextVar[object | None] = ContextVar("aiam_li_trusted", default=None)
+# LlamaIndex's own plumbing that it runs as FunctionTools: the `handoff` tool (it switches agents;
+# a protected workflow mints the identity first) and the structured-output program's tool (it
+# builds a pydantic model from the LLM's answer, llama_index/core/program/function_program.py).
+_INTERNAL = frozenset({"llama_index.core.agent.workflow.multi_agent_workflow",
+                       "llama_index.core.program.function_program"})
 _SENTINEL = threading.Lock()
 
 
 def _check_mediated(tool: FunctionTool) -> None:
     """Raise if ``tool`` runs while an execution token is bound but no mediation runs it."""
-    if current_token() is None or _TRUSTED.get() is tool:
+    if current_token() is None or getattr(tool._real_fn, "__module__", None) in _INTERNAL:
         return
     decision = current_decision()
     if decision is not None and decision.tool == tool.metadata.name:
@@ -687,11 +690,7 @@ class _Guarded:
         if tool is None:
             return _refusal(ev.tool_name, ev.tool_kwargs,
                             _NOT_FOUND.format(tool=HANDOFF_TOOL)), False
-        trusted = _TRUSTED.set(tool)
-        try:
-            output = await cast(Any, self)._call_tool(ctx, tool, dict(ev.tool_kwargs))
-        finally:
-            _TRUSTED.reset(trusted)
+        output = await cast(Any, self)._call_tool(ctx, tool, dict(ev.tool_kwargs))
         return cast(ToolOutput, output), bool(tool.metadata.return_direct)
 
     def _aiam_delegate(self, run: _Run, target: str, token: str | None) -> str:

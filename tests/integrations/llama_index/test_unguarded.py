@@ -10,6 +10,7 @@ import logging
 import pytest
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
 from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel
 
 from agentic_iam.core.binding import bind
 from agentic_iam.errors import ConfigurationError
@@ -82,3 +83,24 @@ async def test_a_guarded_agent_in_a_stock_workflow_refuses_to_run(
         await drive(AgentWorkflow(agents=[agent]).run(user_msg=REQUEST))
     assert backend.calls == []
     assert sum(env.guard.stats.values()) == 0
+
+
+class Answer(BaseModel):
+    """The structured answer."""
+
+    refund_id: str
+
+
+async def test_the_frameworks_own_tools_are_not_user_tools(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    """LlamaIndex runs structured output (`output_cls`) through a FunctionTool of its own; it
+    builds a pydantic model, touches nothing, and is not refused under a bound identity."""
+    llm = scripted(ai("Refunding.", call("create_refund", "o1", **REFUND)), ai("Refunded."),
+                   ai("", call("Answer", "o2", refund_id="R-1")))
+    agent = protect(FunctionAgent(name="support", description="Support", llm=llm,
+                                  tools=[tools["create_refund"]], output_cls=Answer),
+                    env.guard, agent_id="support-agent")
+    with bind(env.refund_token()):
+        result = await agent.run(user_msg=REQUEST)
+    assert backend.executed("create_refund") == [REFUND]
+    assert result.structured_response == {"refund_id": "R-1"}
