@@ -1,1350 +1,683 @@
 """OpenAI Agents SDK adapter: every local tool call of a protected agent goes through the Guard.
 
-What it gives you (``pip install "agentic-iam[openai-agents]"``, openai-agents >= 0.24):
+``protect(agent, guard, broker=..., agent_id="support-agent")`` (``pip install
+"agentic-iam[openai-agents]"``, openai-agents >= 0.24) changes the class of ``agent`` to a guarded
+subclass of its own class and returns the same object. The SDK asks ``agent.get_all_tools(ctx)``
+on every turn, on resume and for every clone (``agent.clone(...)`` keeps the class), so the
+guarded class wraps **every** tool the run can call — tools appended after ``protect()``, MCP
+tools (rebuilt by the SDK each turn), the tools of ``as_tool`` sub-agents and handoff targets
+(both are protected when their parent lists them) — and each call goes through
+:meth:`Guard.amediate`: authorize → (approval) → run with the checked arguments → screen →
+complete. A tool the adapter cannot guard (hosted, computer, shell tools) stops the run with
+:class:`ConfigurationError` unless ``allow_unguarded_tools=True``.
 
-- :func:`protect` — attaches the Guard to an ``Agent`` and, recursively, to every agent it can
-  reach (handoff targets, agents used ``as_tool``, cycles handled, idempotent). For every
-  ``FunctionTool`` it installs:
+The identity of a run is its context's token (:class:`IAMRunContext`, or any context with an
+``aiam_token`` attribute), else the token bound with :func:`agentic_iam.bind` (what
+``project.delegate(...)`` does). No token: the call is still decided and recorded, and refused.
+Sub-agents never run under their parent's token: a handoff target or an agent started from
+inside a tool gets ``broker.subdelegate_for(parent, its_id)`` at its first model or tool call
+(one per run, ended when that run produces its final output); an ``as_tool`` agent gets its own
+child for each invocation (ended with it). Without a broker their calls are refused
+(``identity.agent_mismatch``).
 
-  * a ``needs_approval`` callable that asks :meth:`Guard.authorize` (the first point the SDK
-    offers, before any guardrail) and answers ``True`` only for ``approval_required``, so the
-    SDK's own pause/resume runs (``result.interruptions``, ``state.approve(item)``,
-    ``Runner.run(agent, state)``). On resume the adapter records the human's answer with
-    :meth:`Guard.resolve_approval` and authorizes the same call again (allowed once);
-  * a tool input guardrail (last in the list) that turns the decision into the SDK's native
-    outcome: ``allow``, or ``ToolGuardrailFunctionOutput.reject_content(decision.model_message())``
-    — a tool result the model reads on its next turn; the run goes on;
-  * an ``on_invoke_tool`` wrapper that runs the tool with ``decision.arguments`` (the Guard's
-    checked copy, serialized back to JSON) and never runs it without an ``allow`` decision;
-  * a tool output guardrail (first in the list) that screens the output with
-    :meth:`Guard.screen` and settles the call with :meth:`Guard.complete`. It replaces the output
-    with the screened text (``reject_content``, the SDK's only way for a guardrail to replace an
-    output) unless the output was a string the screen left unchanged. Output guardrails that
-    were on the tool before run inside it, on the screened text (the SDK runs output guardrails
-    on the *raw* output and stops at the first rejection, so leaving them in front would let
-    unscreened text through).
+Approvals use the SDK's own pause: a guarded tool's ``needs_approval`` starts the mediation, and
+when the Guard says ``approval_required`` the run stops with ``result.interruptions``. Answer with
+:func:`approve` / :func:`reject` (naming a configured approver; a plain ``state.approve(item)``
+counts as ``protect(..., approver=...)`` or the unaccountable ``human``), then resume with
+``Runner.run(agent, state)``: only the approved call runs, once. An SDK approval counts only for
+the exact call the run paused on (``always_approve=True`` does not approve later calls: those are
+refused with the approval message and stay pending for ``aiam approvals approve``).
 
-  MCP servers (``agent.mcp_servers``) get the same input and output guardrails through the
-  SDK's ``MCPServer.tool_input_guardrails`` / ``tool_output_guardrails`` attributes, which
-  ``MCPUtil.to_function_tool`` copies onto the tools it builds on every turn.
-  Handoffs (``Handoff.on_invoke_handoff``) and ``as_tool`` invocations mint a narrower identity
-  with :meth:`DelegationBroker.subdelegate_for` for the receiving agent; handoffs and agent tools
-  the grant or the registry (``may_delegate_to``) does not allow are hidden with ``is_enabled``.
-- :class:`IAMRunContext` — the per-run identity: ``Runner.run(agent, input,
-  context=IAMRunContext(token))``. Any context object with an ``aiam_token`` attribute works too.
-  A run without a valid token cannot call tools (the Guard denies every call).
-- Executions end with their run: when the run produces its final output (the SDK calls the
-  agent hooks :func:`protect` installs, ``on_end``; an approval interruption is not the end),
-  the run's execution ends (:meth:`Guard.end_execution`: it and every token sub-delegated from
-  it stop working). For a conversation of several runs with one context, pass
-  ``IAMRunContext(token, end_on_finish=False)`` (any context: an ``aiam_end_on_finish``
-  attribute set to ``False``) and end the token yourself. Identities minted for handoffs and
-  ``as_tool`` sub-runs always end with their run (an ``as_tool`` sub-run that fails ends its
-  identity too; one paused for a human keeps it until it resumes); after a run with handoffs, an
-  opted-out context holds the root token again. A run that raises has not finished: end its
-  token yourself or let it expire.
-- :class:`IAMRunHooks` — ``RunHooks`` capturing the reasoning context in ``on_llm_end`` (message
-  text, reasoning summaries, response id, keyed by call id), charging LLM usage to the token's
-  budget and recording the user's request for argument provenance. :func:`protect` also installs
-  the same capture as ``AgentHooks`` on every agent, because the SDK does not pass run hooks to
-  the nested run of an ``as_tool`` agent; captures are de-duplicated per model response.
-- :func:`iam_run_config` — a ``RunConfig`` whose ``tool_not_found_behavior`` turns a call to a
-  hidden (refused) handoff into a model-readable refusal instead of ``ModelBehaviorError``.
-- :class:`IAMTracingProcessor` / :func:`install_tracing` — a ``TracingProcessor`` (added with
-  ``add_trace_processor``, never ``set_trace_processors``) indexing the SDK's traces and spans
-  and linking each Guard decision to the function span it was made in. When tracing is on,
-  every audit event of a call carries ``trace.trace_id`` / ``trace.span_id`` (passed through
-  ``ReasoningContext``) and a refused call's function span gets an error.
-- :func:`approve` / :func:`reject` (also ``IAMRunContext.approve`` / ``.reject``) — answer a
-  paused call as a named, configured approver (``GuardConfig.approvers``). Plain
-  ``state.approve(item)`` names nobody: it counts only with ``IAMRunContext(approver=...)``
-  naming a configured approver; otherwise the Guard refuses it (recorded) and the call is not
-  run.
+Inside a tool, :func:`scoped` filters retrieved memory items by the run's grant
+(:meth:`Guard.filter_memory`).
 
-Handoffs and ``as_tool`` calls are delegations, authorized by the broker (registry
-``may_delegate_to``, a grant that narrows) rather than Guard tool calls, so ``transfer_to_*`` and
-agent-tool names need no registry entry; the receiving agent's own tool calls are guarded. The
-Guard is synchronous and is called on the event loop.
+What it must never do: run a tool without an ``allow`` decision for that exact call or with
+arguments other than the checked copy; hand the model unscreened output; let a sub-agent run
+with its parent's identity; put a token in a message or a log line; turn a refusal into a crash.
 
-What it must never do: run a tool of a protected agent without an ``allow`` decision for that
-exact call, or with arguments other than the checked copy; let tool output reach the model
-unscreened; let a sub-agent run with its parent's identity or a wider one; put a token in a
-message, a span, a log line or an approval item; turn a refusal into a crash of the run.
-
-Known limits (each is a property of the SDK, verified against openai-agents 0.24.0):
-
-- MCP tools are rebuilt by the SDK on every turn, so the adapter cannot wrap their
-  ``on_invoke_tool`` or ``needs_approval``. They are authorized in the input guardrail; they run
-  with ``tool_call.arguments``, the very (immutable) string whose ``json.loads`` the guardrail
-  checked — ``MCPUtil.invoke_mcp_tool`` parses it with the same ``json.loads``, so the checked
-  copy equals what runs. An ``approval_required`` MCP call is refused with the approval message
-  (the server-level ``require_approval`` policy receives neither arguments nor call id, so it
-  cannot decide per call); approve it out of band (``aiam approvals approve``) and the model's
-  retry of the same call is allowed once.
-- A decorated tool whose ``needs_approval`` is a callable normally gets the SDK's conservative
-  check (a manual approval whenever validation would change the arguments). Behind the
-  adapter's wrappers the tool's own ``needs_approval`` is asked after the Guard, with the parsed
-  arguments; the tool then runs with the Guard's checked copy.
-- A hidden handoff or agent tool that the model calls anyway is a "tool not found" for the SDK:
-  without :func:`iam_run_config` the run ends with ``ModelBehaviorError`` (nothing was
-  transferred); with it the model reads the refusal. A handoff refused only when invoked (the
-  grant changed after it was offered) cannot be refused with a tool result in the SDK: the
-  current agent stays in charge and the transfer message carries the refusal.
-- Hosted tools (web/file search, code interpreter, hosted MCP, ...) run on OpenAI's side and
-  local computer/shell/patch tools are not ``FunctionTool``s: :func:`protect` refuses agents
-  carrying them unless ``allow_unguarded_tools=True``.
-- A tool whose exception is turned into a message by ``failure_error_function`` (the SDK
-  default) looks like a successful call to the adapter: its message is screened and the call is
-  settled as ``success``. A tool that raises through the wrapper is charged (``error``); an
-  allowed call whose tool never started (refused by the wrapper, or left behind when the turn
-  ends before our input guardrail ran) is cancelled (:meth:`Guard.cancel`).
-- ``as_tool`` outputs are the sub-agent's final text (model output built from screened tool
-  results) and are not screened again; the sub-agent's own tool calls are.
-- State lives in the context object: resuming a run works in-process (``result.to_state()``),
-  not from a serialized ``RunState``.
+Private SDK names used (openai-agents 0.24, each checked by the tests): the tool invoker
+``_FailureHandlingFunctionToolInvoker`` (the guard runs *inside* the SDK's failure handler, so a
+tool that raises is settled as ``error``), ``ToolContext._function_tool_arguments`` (arguments
+the SDK prepared from the model's string; the tool runs with the checked copy instead) and
+``RunContextWrapper._approvals`` (the one object a run shares with its tool contexts and hooks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import json
 import logging
-import secrets
-import threading
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 from agentic_iam.errors import MissingExtraError
 
 try:
     from agents.agent import Agent
-    from agents.handoffs import Handoff, handoff
-    from agents.items import ModelResponse, ToolApprovalItem, TResponseInputItem
-    from agents.lifecycle import AgentHooks, AgentHooksBase, RunHooks
-    from agents.run_config import RunConfig, ToolErrorFormatterArgs
+    from agents.handoffs import Handoff
+    from agents.items import ModelResponse, ToolApprovalItem
+    from agents.lifecycle import AgentHooks, RunHooks
     from agents.run_context import RunContextWrapper
     from agents.run_state import RunState
-    from agents.tool import FunctionTool
+    from agents.tool import FunctionTool, _FailureHandlingFunctionToolInvoker
     from agents.tool_context import ToolContext
-    from agents.tool_guardrails import (
-        ToolGuardrailFunctionOutput,
-        ToolInputGuardrail,
-        ToolInputGuardrailData,
-        ToolOutputGuardrail,
-        ToolOutputGuardrailData,
-    )
-    from agents.tracing import (
-        TracingProcessor,
-        add_trace_processor,
-        get_current_span,
-        get_current_trace,
-    )
-    from agents.tracing.spans import NoOpSpan, Span, SpanError
-    from agents.tracing.traces import NoOpTrace, Trace
+    from agents.tracing import get_current_span, get_current_trace
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     _missing = (exc.name or "agents").split(".")[0]
     raise MissingExtraError("openai-agents",
                             "openai-agents" if _missing == "agents" else _missing) from exc
 
-from agentic_iam.core.broker import CapabilitiesLike, DelegationBroker
-from agentic_iam.core.decision import Decision, Reason, ReasoningContext, ToolCall
+from agentic_iam.core.binding import bind, current_token
+from agentic_iam.core.broker import DelegationBroker
+from agentic_iam.core.decision import ReasoningContext, ToolCall
 from agentic_iam.core.guard import Guard
-from agentic_iam.core.identity import ExecutionIdentity
+from agentic_iam.core.mediation import ApprovalAnswer, Mediated
+from agentic_iam.core.memory import MemoryFiltered
 from agentic_iam.core.tokens import ExecutionToken
-from agentic_iam.errors import ConfigurationError, DelegationError
+from agentic_iam.errors import ConfigurationError
 
-__all__ = [
-    "DEFAULT_APPROVER",
-    "DecisionLink",
-    "IAMRunContext",
-    "IAMRunHooks",
-    "IAMTracingProcessor",
-    "Narrowing",
-    "SpanRecord",
-    "TraceRecord",
-    "approve",
-    "iam_run_config",
-    "install_tracing",
-    "protect",
-    "reject",
-]
+__all__ = ["IAMRunContext", "IAMRunHooks", "approve", "protect", "reject", "scoped"]
 
 log = logging.getLogger("agentic_iam.integrations.openai_agents")
 
 FRAMEWORK = "openai_agents"
-DEFAULT_APPROVER = "openai-agents:RunState.approve"
-"""The approver claimed when a run resumes after ``state.approve(item)`` without :func:`approve`
-and without ``IAMRunContext(approver=...)``. The SDK does not say who approved, so this is not an
-accountable approver: the Guard refuses it (unless someone configured it)."""
-
-_INPUT_NAME = "agentic_iam.authorize"
-_OUTPUT_NAME = "agentic_iam.screen"
-_MARK = "_aiam_protection"
-_STATE_ATTR = "_aiam_state"
-_NO_OP = "no-op"
-_RESPONSES_KEPT = 64
-
 TokenLike = ExecutionToken | str
-Narrowing = Callable[[ExecutionIdentity, str], CapabilitiesLike | None]
-"""``narrow(parent_identity, child_registry_id)`` → the child's capabilities (``None``: the
-default, the parent's grant intersected with the child's registry tools)."""
-
-_HANDOFF_REFUSAL: ContextVar[str | None] = ContextVar("aiam_handoff_refusal", default=None)
-
-
-# --- per-run state -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Shared:
-    """State shared by a run and the nested runs of its ``as_tool`` agents."""
-
-    approvers: dict[str, str] = field(default_factory=dict)
-    """call id → who approved it (set by :func:`approve`)."""
-    approval_ids: dict[str, str] = field(default_factory=dict)
-    """call id → the Guard's approval request."""
-    guard: Guard | None = None
-    """The Guard that decided calls of this run (for :func:`reject`)."""
-
-
-@dataclass(frozen=True)
-class _Asked:
-    """What the model said when it asked for a call."""
-
-    message: str | None
-    model: str | None
-    response_id: str | None
-
-
-@dataclass(eq=False)
-class _RunState:
-    """The adapter's bookkeeping for one run context (never shown to the model)."""
-
-    shared: _Shared
-    run_id: str
-    parent_run_id: str | None = None
-    nested: bool = False
-    """True for the context of an ``as_tool`` sub-agent: its input was written by a model."""
-    reasoning: dict[str, _Asked] = field(default_factory=dict)
-    decided: dict[str, Decision] = field(default_factory=dict)
-    """Decisions taken in ``needs_approval``, waiting for the input guardrail."""
-    authorized: dict[str, Decision] = field(default_factory=dict)
-    """Allowed calls between the input guardrail and the output guardrail."""
-    failed: set[str] = field(default_factory=set)
-    children: dict[str, Any] = field(default_factory=dict)
-    """call id → the context minted for an ``as_tool`` sub-agent (reused on resume)."""
-    responses: OrderedDict[int, ModelResponse] = field(default_factory=OrderedDict)
-    observed_request: bool = False
-    current_agent: Agent[Any] | None = None
-    refused: dict[str, str] = field(default_factory=dict)
-    """tool name → why a handoff/agent tool is hidden (for :func:`iam_run_config`)."""
-    root: TokenLike | None = field(default=None, repr=False)
-    """The token the run started with (the user's, or the one minted for an ``as_tool``)."""
-    minted: list[TokenLike] = field(default_factory=list, repr=False)
-    """Tokens minted for handoffs during the run: they end with the run, always."""
-    awaiting: set[str] = field(default_factory=set)
-    """Calls the run paused on for a human (until the model is asked again)."""
-    ended: bool = False
-    """The run finished and its root execution was ended."""
-
-
-def _new_state(shared: _Shared | None = None, parent: _RunState | None = None) -> _RunState:
-    return _RunState(shared=shared or _Shared(), run_id="oa_run_" + secrets.token_hex(8),
-                     parent_run_id=parent.run_id if parent else None, nested=parent is not None)
+T = TypeVar("T")
+_STARTS_WITHIN_S = 120.0
+"""How long an allowed call may wait between ``needs_approval`` and ``on_invoke_tool`` (the
+SDK's input guardrails and hooks run in between); then it is cancelled, never run unchecked."""
+_KEPT = 4096
+_SCOPE: ContextVar[tuple[Guard, TokenLike | None] | None] = ContextVar("aiam_oa_scope",
+                                                                        default=None)
+_PAUSED: OrderedDict[str, tuple[Guard, str]] = OrderedDict()
+"""call id → (Guard, approval id) of the calls a run paused on (for :func:`reject`)."""
+_ANSWERS: OrderedDict[str, ApprovalAnswer] = OrderedDict()
+"""call id → the answer given with :func:`approve`."""
 
 
 @dataclass(eq=False)
 class IAMRunContext:
-    """The identity of one run: ``Runner.run(agent, input, context=IAMRunContext(token))``.
-
-    Tools that need the application's own context read ``ctx.context.user_context``. After a
-    handoff, ``token`` is the narrower token minted for the receiving agent. It also carries the
-    adapter's bookkeeping for the run (decisions between hooks, reasoning by call id), so use
-    one per run; resuming with ``Runner.run(agent, state)`` keeps the same object. When the run
-    finishes (final output), its execution ends unless ``end_on_finish=False``.
-    """
+    """The identity of one run: ``Runner.run(agent, input, context=IAMRunContext(token))``."""
 
     token: TokenLike | None
-    """The execution token of the agent currently running (``None``: no tool may run)."""
+    """The execution token of the run (``None``: every call is refused, and recorded)."""
     user_context: Any = None
     """The application's own context object, for its tools."""
-    approver: str = DEFAULT_APPROVER
-    """Who approved when the SDK resumes a call approved with plain ``state.approve(item)``
-    (without :meth:`approve`): a configured approver id (``GuardConfig.approvers``). The
-    default is refused by the Guard."""
     end_on_finish: bool = True
-    """End the execution (:meth:`Guard.end_execution`) when the run produces its final output.
-    ``False`` keeps it for a conversation of several runs with this context (end it yourself
-    with ``guard.end_execution(token)``); identities minted for handoffs end with each run."""
-    _state: _RunState = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._state = _new_state()
-        self._state.root = self.token
-
-    @property
-    def aiam_end_on_finish(self) -> bool:
-        """``end_on_finish`` under the name every adapter looks for."""
-        return self.end_on_finish
-
-    @property
-    def run_id(self) -> str:
-        """The id recorded as ``reasoning.run_id`` on this run's audit events."""
-        return self._state.run_id
-
-    def approve(self, state: RunState[Any], item: ToolApprovalItem, *, approver: str,
-                always_approve: bool = False) -> None:
-        """Approve a paused call as ``approver``; then resume with ``Runner.run(agent, state)``."""
-        approve(self, state, item, approver=approver, always_approve=always_approve)
-
-    def reject(self, state: RunState[Any], item: ToolApprovalItem, *, approver: str,
-               message: str | None = None) -> None:
-        """Reject a paused call as ``approver``; then resume with ``Runner.run(agent, state)``."""
-        reject(self, state, item, approver=approver, message=message)
+    """End the execution when the run produces its final output (``False``: a conversation of
+    several runs; end it yourself)."""
 
 
-def _token_of(context: object) -> TokenLike | None:
+class IAMRunHooks(RunHooks[Any]):
+    """Deprecated: code written for the previous adapter passed ``hooks=IAMRunHooks(guard)``.
+    The guarded agents' own hooks now capture reasoning, LLM usage and the user's request in
+    every run (``as_tool`` sub-runs too), so these add nothing; subclass ``RunHooks`` instead."""
+
+    def __init__(self, guard: Guard | None = None) -> None:
+        self.guard = guard
+
+
+def _context_token(context: object) -> TokenLike | None:
+    token = context.token if isinstance(context, IAMRunContext) \
+        else getattr(context, "aiam_token", None)
+    return token if isinstance(token, (str, ExecutionToken)) and token else None
+
+
+def _with_token(context: object, token: TokenLike) -> object:
+    """A copy of ``context`` carrying ``token`` (contexts without a token slot stay as they are:
+    the token is bound with :func:`bind` instead)."""
     if isinstance(context, IAMRunContext):
-        return context.token
-    token = getattr(context, "aiam_token", None)
-    return token if isinstance(token, (str, ExecutionToken)) else None
-
-
-def _end_on_finish(context: object) -> bool:
-    """False only when the context opts out (``aiam_end_on_finish`` is ``False``)."""
-    return getattr(context, "aiam_end_on_finish", None) is not False
-
-
-def _set_token(context: object, token: TokenLike) -> None:
-    if isinstance(context, IAMRunContext):
-        context.token = token
-    else:
-        setattr(context, "aiam_token", token)  # noqa: B010 - the documented attribute
-
-
-def _state_of(context: object) -> _RunState | None:
-    """The adapter's state for a run context, created on first use (``None``: cannot carry it)."""
-    if isinstance(context, IAMRunContext):
-        return context._state
-    if context is None:
-        return None
-    state = getattr(context, _STATE_ATTR, None)
-    if isinstance(state, _RunState):
-        return state
-    state = _new_state()
-    state.root = _token_of(context)
-    try:
-        setattr(context, _STATE_ATTR, state)
-    except (AttributeError, TypeError):
-        return None
-    return state
-
-
-def _end(guard: Guard, token: TokenLike, reason: str) -> bool:
-    """End one execution; False (logged) when it could not be: the run's work is done, and
-    raising would not make the token any less valid (it still expires at its ``exp``)."""
-    try:
-        guard.end_execution(_raw(token), reason=reason)
-    except Exception as exc:  # see the docstring
-        log.warning("could not end an execution (%s): %s", reason, type(exc).__name__)
-        return False
-    return True
-
-
-def _finish_run(guard: Guard, context: object, reason: str) -> None:
-    """The run of ``context`` is over: end the identities minted for its handoffs, always, and
-    its root one unless the context opted out (an ``as_tool`` sub-run never does)."""
-    state = _state_of(context)
-    if state is None or state.ended:
-        return
-    current = _token_of(context)
-    root = state.root if state.root is not None else current
-    left: list[TokenLike] = []
-    for token in state.minted:
-        if (root is None or _raw(token) != _raw(root)) and not _end(guard, token, reason):
-            left.append(token)  # tried again when the run ends next time
-    state.minted = left
-    if root is None:
-        return
-    if state.nested or _end_on_finish(context):
-        state.ended = _end(guard, root, reason)
-    elif current is not None and _raw(current) != _raw(root):
-        # The root identity outlives the run; the handoff ones ended: the next run with this
-        # context starts again under the root identity.
-        _set_token(context, root)
+        return IAMRunContext(token, context.user_context, end_on_finish=True)
+    if _context_token(context) is None:
+        return context
+    child = copy.copy(context)
+    setattr(child, "aiam_token", token)  # noqa: B010 - the documented attribute
+    return child
 
 
 def _raw(token: TokenLike) -> str:
     return token.token if isinstance(token, ExecutionToken) else token
 
 
-def _call_id_of(item: ToolApprovalItem) -> str | None:
-    raw = item.raw_item
-    call_id = raw.get("call_id") if isinstance(raw, Mapping) else getattr(raw, "call_id", None)
-    return call_id if isinstance(call_id, str) else None
+def _keep(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+    table[key] = value
+    while len(table) > _KEPT:
+        table.popitem(last=False)
 
 
-def approve(context: object, state: RunState[Any], item: ToolApprovalItem, *, approver: str,
-            always_approve: bool = False) -> None:
-    """Approve a paused call (``result.interruptions``) as ``approver``.
-
-    ``context`` is the object passed as ``Runner.run(context=...)``. The Guard's approval request
-    is resolved when the run resumes and the same call is authorized again (allowed once).
-    """
-    run_state = _state_of(context)
-    call_id = _call_id_of(item)
-    if run_state is not None and call_id is not None:
-        run_state.shared.approvers[call_id] = approver
-    state.approve(item, always_approve=always_approve)
-
-
-def reject(context: object, state: RunState[Any], item: ToolApprovalItem, *, approver: str,
-           message: str | None = None) -> None:
-    """Reject a paused call as ``approver``: the Guard's approval request is denied now."""
-    run_state = _state_of(context)
-    call_id = _call_id_of(item)
-    if run_state is not None and call_id is not None:
-        approval_id = run_state.shared.approval_ids.pop(call_id, None)
-        guard = run_state.shared.guard
-        if approval_id is not None and guard is not None:
-            try:
-                guard.resolve_approval(approval_id, approved=False, approver=approver)
-            except Exception as exc:  # the call stays refused either way
-                log.warning("could not record the rejection of %s: %s", approval_id,
-                            type(exc).__name__)
-    state.reject(item, rejection_message=message)
-
-
-# --- reasoning capture, usage, request provenance -------------------------------------------
-
-
-def _model_name(agent: Agent[Any]) -> str | None:
-    model = agent.model
-    if isinstance(model, str):
-        return model
-    if model is None:
-        return None
-    name = getattr(model, "model", None)
-    return name if isinstance(name, str) else type(model).__name__
-
-
-def _capture(guard: Guard | None, context: RunContextWrapper[Any], agent: Agent[Any],
-             response: ModelResponse) -> None:
-    """Key the model's message, reasoning summaries and response id by the calls it asked for."""
-    state = _state_of(context.context)
-    if state is None:
-        return
-    key = id(response)
-    if state.responses.get(key) is response:
-        return  # RunHooks and AgentHooks both saw this response
-    state.responses[key] = response
-    while len(state.responses) > _RESPONSES_KEPT:
-        state.responses.popitem(last=False)
-    texts: list[str] = []
-    summaries: list[str] = []
-    call_ids: list[str] = []
-    for item in response.output:
-        kind = getattr(item, "type", None)
-        if kind == "message":
-            for part in getattr(item, "content", None) or ():
-                text = getattr(part, "text", None) or getattr(part, "refusal", None)
-                if isinstance(text, str) and text:
-                    texts.append(text)
-        elif kind == "reasoning":
-            for summary in getattr(item, "summary", None) or ():
-                text = getattr(summary, "text", None)
-                if isinstance(text, str) and text:
-                    summaries.append(text)
-        call_id = getattr(item, "call_id", None)
-        if isinstance(call_id, str) and call_id:
-            call_ids.append(call_id)
-    parts = [*texts, *(f"(reasoning) {s}" for s in summaries)]
-    asked = _Asked("\n".join(parts) or None, _model_name(agent), response.response_id)
-    for call_id in call_ids:
-        state.reasoning[call_id] = asked
-    token = _token_of(context.context)
-    usage = response.usage
-    if guard is None or token is None or not (usage.input_tokens or usage.output_tokens):
-        return
+def _arguments(raw: str | None) -> Mapping[str, Any]:
+    """The model's arguments. Anything but a JSON object goes to the Guard as it is, which
+    refuses it (``arguments.invalid``); duplicate keys or NaN need no check here because the tool
+    runs with the Guard's re-serialized checked copy, never with this string."""
     try:
-        guard.charge_usage(token, input_tokens=usage.input_tokens,
-                           output_tokens=usage.output_tokens, model=asked.model,
-                           framework=FRAMEWORK)
-    except Exception as exc:  # accounting; the next tool call is checked anyway
-        log.warning("could not charge LLM usage: %s", type(exc).__name__)
+        return cast(Mapping[str, Any], json.loads(raw or "{}"))
+    except ValueError:
+        return cast(Mapping[str, Any], raw)
 
 
-def _input_texts(items: Iterable[TResponseInputItem]) -> list[str]:
+class _Pause(Exception):
+    """Raised by ``ask`` when a human must answer first (``args[0]``: the approval id)."""
+
+
+class _NotStarted(Exception):
+    """An allowed call whose tool the SDK never started (the mediation cancels it)."""
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A mediation started in ``needs_approval``, waiting for ``on_invoke_tool`` to run it."""
+
+    task: asyncio.Future[Mediated[Any]]
+    gate: asyncio.Future[dict[str, Any]]
+    output: asyncio.Future[Any]
+    token: TokenLike | None
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Run:
+    """What the adapter keeps for one SDK run (never shown to the model)."""
+
+    children: dict[tuple[str, str], TokenLike | None] = field(default_factory=dict)
+    asked: dict[str, ReasoningContext] = field(default_factory=dict)
+    parked: dict[str, _Parked | Mediated[Any]] = field(default_factory=dict)
+    observed: bool = False
+
+
+def _traced(found: object, attribute: str) -> str | None:
+    value = getattr(found, attribute, None)
+    return value if isinstance(value, str) and value != "no-op" else None
+
+
+def _input_texts(items: Iterable[Any]) -> list[str]:
     texts: list[str] = []
     for item in items:
-        if not isinstance(item, Mapping) or item.get("role") != "user":
-            continue
-        content = item.get("content")
+        content = item.get("content") if isinstance(item, Mapping) and \
+            item.get("role") == "user" else None
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
-            texts.extend(part["text"] for part in content
-                         if isinstance(part, Mapping) and isinstance(part.get("text"), str))
+            texts.extend(p["text"] for p in content
+                         if isinstance(p, Mapping) and isinstance(p.get("text"), str))
     return texts
 
 
-def _before_llm(guard: Guard | None, context: RunContextWrapper[Any], agent: Agent[Any],
-                input_items: list[TResponseInputItem]) -> None:
-    state = _state_of(context.context)
-    if state is None:
-        return
-    state.current_agent = agent
-    if state.root is None:
-        state.root = _token_of(context.context)
-    state.awaiting.clear()  # the model is asked again: no pause is pending any more
-    # Allowed decisions nobody consumed: the turn is over. One still waiting for the input
-    # guardrail never ran (a guardrail in front of ours rejected the call): cancelled. One
-    # past our guardrail may have started (the run was cancelled mid-call): charged.
-    for started, table in ((False, state.decided), (True, state.authorized)):
-        for call_id, decision in list(table.items()):
-            if decision.outcome == "approval_required":
-                continue
-            del table[call_id]
-            if not decision.allowed or guard is None:
-                continue
-            if started:
-                guard.complete(decision, "error")
-            else:
-                guard.cancel(decision)
-    # What the user asked for, for argument provenance: only the input of the first model call
-    # of a top-level run (later inputs hold tool output; a sub-agent's input is model-written).
-    if state.observed_request or state.nested:
-        return
-    state.observed_request = True
-    token = _token_of(context.context)
-    texts = _input_texts(input_items)
-    if guard is None or token is None or not texts:
-        return
-    try:
-        guard.observe(token, texts, "request")
-    except Exception as exc:  # provenance only; unknown values stay "unknown"
-        log.warning("could not record the user's request: %s", type(exc).__name__)
+def _asked(agent: Agent[Any], response: ModelResponse) -> ReasoningContext:
+    parts: list[str] = []
+    for item in response.output:
+        kind = getattr(item, "type", None)
+        if kind == "message":
+            parts += [p.text for p in getattr(item, "content", ()) or ()
+                      if isinstance(getattr(p, "text", None), str) and p.text]
+        elif kind == "reasoning":
+            parts += [f"(reasoning) {s.text}" for s in getattr(item, "summary", ()) or ()]
+    model = agent.model if isinstance(agent.model, str) else getattr(agent.model, "model", None)
+    return ReasoningContext(message="\n".join(parts) or None,
+                            model=model if isinstance(model, str) else None,
+                            response_id=response.response_id)
 
 
-class IAMRunHooks(RunHooks[Any]):
-    """``RunHooks`` for protected runs: reasoning capture, LLM usage, request provenance.
+class _Hooks(AgentHooks[Any]):
+    """The agent's own hooks, plus the adapter's (they fire in every run the agent takes part
+    in, ``as_tool`` sub-runs included, unlike run hooks)."""
 
-    Pass ``hooks=IAMRunHooks(guard)`` to ``Runner.run``; subclass it (and call ``super()``) to
-    add your own hooks. Capture is observe-only and never raises into the run.
-    """
-
-    def __init__(self, guard: Guard) -> None:
-        self.guard = guard
-
-    async def on_llm_start(self, context: RunContextWrapper[Any], agent: Agent[Any],
-                           system_prompt: str | None,
-                           input_items: list[TResponseInputItem]) -> None:
-        _safely(_before_llm, self.guard, context, agent, input_items)
-
-    async def on_llm_end(self, context: RunContextWrapper[Any], agent: Agent[Any],
-                         response: ModelResponse) -> None:
-        _safely(_capture, self.guard, context, agent, response)
-
-
-def _safely(fn: Callable[..., None], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception as exc:  # a hook exception would abort the whole run
-        log.warning("agentic-iam hook failed: %s", type(exc).__name__)
-
-
-class _IAMAgentHooks(AgentHooks[Any]):
-    """Per-agent hooks installed by :func:`protect`, forwarding to the agent's own hooks.
-
-    They exist because the SDK does not hand run hooks to the nested run of an ``as_tool``
-    agent, while an agent's own hooks fire in every run it takes part in.
-    """
-
-    def __init__(self, guard: Guard, inner: AgentHooksBase[Any, Any] | None) -> None:
-        self.guard = guard
+    def __init__(self, protection: _Protection, inner: Any) -> None:
+        self.protection = protection
         self.inner = inner
 
-    async def on_start(self, context: Any, agent: Any) -> None:
+    async def _forward(self, name: str, *args: Any, **kwargs: Any) -> None:
         if self.inner is not None:
-            await self.inner.on_start(context, agent)
+            await getattr(self.inner, name)(*args, **kwargs)
 
     async def on_end(self, context: Any, agent: Any, output: Any) -> None:
-        # The SDK calls this when the run (or an ``as_tool`` sub-run) produces its final output
-        # (run_internal/turn_resolution.py run_final_output_hooks); not when it pauses for an
-        # approval. The run's executions end here.
-        _safely(_finish_run, self.guard, getattr(context, "context", None), "completed")
-        if self.inner is not None:
-            await self.inner.on_end(context, agent, output)
+        self.protection.finished(context)
+        await self._forward("on_end", context, agent, output)
 
-    async def on_handoff(self, context: Any, agent: Any, source: Any) -> None:
-        if self.inner is not None:
-            await self.inner.on_handoff(context, agent, source)
-
-    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
-        if self.inner is not None:
-            await self.inner.on_tool_start(context, agent, tool)
-
-    async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: Any) -> None:
-        if self.inner is not None:
-            await self.inner.on_tool_end(context, agent, tool, result)
-
-    async def on_llm_start(self, context: Any, agent: Any, system_prompt: str | None,
-                           input_items: list[TResponseInputItem]) -> None:
-        _safely(_before_llm, self.guard, context, agent, input_items)
-        if self.inner is not None:
-            await self.inner.on_llm_start(context, agent, system_prompt, input_items)
+    async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any,
+                           input_items: Any) -> None:
+        self.protection.observe_request(context, agent, input_items)
+        await self._forward("on_llm_start", context, agent, system_prompt, input_items)
 
     async def on_llm_end(self, context: Any, agent: Any, response: ModelResponse) -> None:
-        _safely(_capture, self.guard, context, agent, response)
-        if self.inner is not None:
-            await self.inner.on_llm_end(context, agent, response)
+        self.protection.record_response(context, agent, response)
+        await self._forward("on_llm_end", context, agent, response)
 
 
-# --- tracing -------------------------------------------------------------------------------
+def _forwarder(name: str) -> Callable[..., Awaitable[None]]:
+    async def forward(self: _Hooks, *args: Any, **kwargs: Any) -> None:
+        await self._forward(name, *args, **kwargs)
 
+    return forward
 
-@dataclass(frozen=True)
-class TraceRecord:
-    """An SDK trace as the processor saw it start."""
 
-    trace_id: str
-    """The SDK's trace id."""
-    name: str
-    """The workflow name."""
-    group_id: str | None
-    """``RunConfig.group_id`` (a session or thread id)."""
-    metadata: Mapping[str, Any] | None
-    """``RunConfig.trace_metadata``."""
+for _name in ("on_start", "on_handoff", "on_tool_start", "on_tool_end"):
+    setattr(_Hooks, _name, _forwarder(_name))
 
 
-@dataclass(frozen=True)
-class SpanRecord:
-    """An SDK span (no input or output is kept)."""
+def _hooks_property() -> property:
+    def get(agent: Agent[Any]) -> _Hooks:
+        return _Hooks(type(agent)._aiam_protection, agent.__dict__.get("hooks"))  # type: ignore[attr-defined]
 
-    span_id: str
-    """The SDK's span id."""
-    trace_id: str
-    """Its trace."""
-    parent_id: str | None
-    """The enclosing span."""
-    kind: str
-    """``agent``, ``function``, ``handoff``, ``generation``, ``response``, ``custom`` ..."""
-    name: str | None
-    """Agent or tool name, when the span has one."""
-    error: str | None = None
-    """The span's error message once ended, if any."""
+    def set_(agent: Agent[Any], value: Any) -> None:
+        agent.__dict__["hooks"] = value.inner if isinstance(value, _Hooks) else value
 
-
-@dataclass(frozen=True)
-class DecisionLink:
-    """A Guard decision and the SDK span it was made in."""
-
-    trace_id: str | None
-    """The trace the decision was made in."""
-    span_id: str | None
-    """The function span of the call."""
-    call_id: str
-    """The tool call id (as on the audit event)."""
-    tool: str
-    """Tool name."""
-    outcome: str
-    """``allow``, ``deny`` or ``approval_required``."""
-    execution_id: str | None
-    """The execution that asked."""
-    codes: tuple[str, ...]
-    """Reason codes."""
-
-
-_PROCESSORS: weakref.WeakSet[IAMTracingProcessor] = weakref.WeakSet()
-_INSTALLED: weakref.WeakSet[IAMTracingProcessor] = weakref.WeakSet()
-
-
-class IAMTracingProcessor(TracingProcessor):
-    """Indexes the SDK's traces and spans and links them to the Guard's decisions.
-
-    Observe-only (the SDK gives tracing processors no way to block). Every decision made while a
-    processor exists is linked to its trace and function span (:meth:`links`), and
-    :meth:`lineage` walks a span up to its turn, agent and task spans — the join between an
-    audit event's ``trace.span_id`` and the agent run that made it. Bounded: the oldest entries
-    are dropped beyond ``max_entries``. Keeps no span input or output.
-    """
-
-    def __init__(self, *, max_entries: int = 10_000) -> None:
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._traces: OrderedDict[str, TraceRecord] = OrderedDict()
-        self._spans: OrderedDict[str, SpanRecord] = OrderedDict()
-        self._links: deque[DecisionLink] = deque(maxlen=max_entries)
-        _PROCESSORS.add(self)
-
-    @staticmethod
-    def _trim(table: OrderedDict[Any, Any], limit: int) -> None:
-        while len(table) > limit:
-            table.popitem(last=False)
-
-    def on_trace_start(self, trace: Trace) -> None:
-        metadata = getattr(trace, "metadata", None)
-        record = TraceRecord(trace.trace_id, trace.name, getattr(trace, "group_id", None),
-                             dict(metadata) if isinstance(metadata, Mapping) else None)
-        with self._lock:
-            self._traces[trace.trace_id] = record
-            self._trim(self._traces, self.max_entries)
-
-    def on_trace_end(self, trace: Trace) -> None:
-        return None
-
-    @staticmethod
-    def _record(span: Span[Any]) -> SpanRecord:
-        data = span.span_data
-        name = getattr(data, "name", None) or getattr(data, "to_agent", None)
-        error = span.error
-        return SpanRecord(span.span_id, span.trace_id, span.parent_id, data.type,
-                          name if isinstance(name, str) else None,
-                          error.get("message") if error else None)
-
-    def on_span_start(self, span: Span[Any]) -> None:
-        record = self._record(span)
-        with self._lock:
-            self._spans[span.span_id] = record
-            self._trim(self._spans, self.max_entries)
-
-    def on_span_end(self, span: Span[Any]) -> None:
-        self.on_span_start(span)
-
-    def shutdown(self) -> None:
-        return None
-
-    def force_flush(self) -> None:
-        return None
-
-    def _link(self, link: DecisionLink) -> None:
-        with self._lock:
-            self._links.append(link)
-
-    def trace(self, trace_id: str) -> TraceRecord | None:
-        """The trace with this id, if seen."""
-        with self._lock:
-            return self._traces.get(trace_id)
-
-    def span(self, span_id: str) -> SpanRecord | None:
-        """The span with this id, if seen."""
-        with self._lock:
-            return self._spans.get(span_id)
-
-    def lineage(self, span_id: str) -> tuple[SpanRecord, ...]:
-        """The span and its ancestors, innermost first (function → turn → agent → task)."""
-        chain: list[SpanRecord] = []
-        seen: set[str] = set()
-        with self._lock:
-            current: str | None = span_id
-            while current is not None and current not in seen:
-                seen.add(current)
-                record = self._spans.get(current)
-                if record is None:
-                    break
-                chain.append(record)
-                current = record.parent_id
-        return tuple(chain)
-
-    def agent_of(self, span_id: str) -> str | None:
-        """The name of the agent whose span encloses ``span_id``."""
-        return next((r.name for r in self.lineage(span_id) if r.kind == "agent"), None)
-
-    def links(self, *, trace_id: str | None = None,
-              call_id: str | None = None) -> list[DecisionLink]:
-        """Decisions linked to SDK spans, oldest first, optionally for one trace or call."""
-        with self._lock:
-            links = list(self._links)
-        return [link for link in links
-                if (trace_id is None or link.trace_id == trace_id)
-                and (call_id is None or link.call_id == call_id)]
-
-
-def install_tracing(processor: IAMTracingProcessor | None = None) -> IAMTracingProcessor:
-    """Add an :class:`IAMTracingProcessor` next to the user's processors (idempotent)."""
-    processor = processor or IAMTracingProcessor()
-    if processor not in _INSTALLED:
-        add_trace_processor(processor)  # never set_trace_processors: it drops the user's
-        _INSTALLED.add(processor)
-    return processor
-
-
-def _trace_ids() -> tuple[str | None, str | None]:
-    trace = get_current_trace()
-    span = get_current_span()
-    trace_id = (trace.trace_id if trace is not None and not isinstance(trace, NoOpTrace)
-                and trace.trace_id != _NO_OP else None)
-    span_id = (span.span_id if span is not None and not isinstance(span, NoOpSpan)
-               and span.span_id != _NO_OP else None)
-    return trace_id, span_id
-
-
-def _link(decision: Decision, trace_id: str | None, span_id: str | None) -> None:
-    link = DecisionLink(trace_id, span_id, decision.call_id, decision.tool, decision.outcome,
-                        decision.execution_id, tuple(r.code for r in decision.reasons))
-    for processor in list(_PROCESSORS):
-        processor._link(link)
-    if decision.outcome != "deny" or span_id is None:
-        return
-    span = get_current_span()
-    if span is not None and span.span_id == span_id and span.span_data.type == "function":
-        main = decision.reasons[0] if decision.reasons else Reason("unknown", "")
-        span.set_error(SpanError(message="agentic-iam refused the call",
-                                 data={"code": main.code, "call_id": decision.call_id}))
-
-
-# --- arguments -----------------------------------------------------------------------------
-
-
-def _reject_constant(value: str) -> NoReturn:
-    raise ValueError(f"`{value}` is not JSON")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate argument `{key}`")
-        out[key] = value
-    return out
-
-
-def _parse_arguments(raw: str | None) -> dict[str, Any] | None:
-    """The model's arguments as a JSON object (no NaN, no duplicate keys), or ``None``."""
-    if raw is None or not raw.strip():
-        return {}
-    try:
-        value = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-async def _flag(setting: Any, *args: Any) -> bool:
-    if isinstance(setting, bool):
-        return setting
-    result = setting(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return bool(result)
-
-
-def _withheld(tool: str) -> str:
-    return (f"The call to `{tool}` was not authorized by the access layer, so no output is "
-            f"available. Do not retry the same call.")
-
-
-# --- the protection --------------------------------------------------------------------------
-
-
-def _is_ours(guardrail: object, kind: type[_Authorize] | type[_Screen]) -> bool:
-    return isinstance(getattr(guardrail, "guardrail_function", None), kind)
-
-
-class _Authorize:
-    """The tool input guardrail: turns the Guard's decision into the SDK's native outcome."""
-
-    def __init__(self, protection: _Protection) -> None:
-        self.protection = protection
-
-    async def __call__(self, data: ToolInputGuardrailData) -> ToolGuardrailFunctionOutput:
-        p = self.protection
-        ctx = data.context
-        state = _state_of(ctx.context)
-        name, call_id = ctx.tool_name, ctx.tool_call_id
-        if state is None:
-            return ToolGuardrailFunctionOutput.reject_content(
-                f"The call to `{name}` was refused by the access layer and was not run. Reason: "
-                f"this run carries no agentic-iam identity context.")
-        decision = state.decided.pop(call_id, None)
-        if decision is not None and decision.tool != name:
-            p.release(decision)
-            decision = None
-        if decision is not None and decision.outcome == "approval_required":
-            if ctx.is_tool_approved(name, call_id) is not True:
-                # RunConfig(tool_execution=...pre_approval_tool_input_guardrails=True) runs
-                # guardrails before the pause: let the SDK pause; nothing can run unapproved
-                # (the invoke wrapper needs an allow decision).
-                state.decided[call_id] = decision
-                return ToolGuardrailFunctionOutput.allow(
-                    output_info={"agentic_iam": "approval_required"})
-            p.record_approval(ctx.context, state, call_id, decision)
-            decision = None
-        if decision is None:
-            arguments = _parse_arguments(ctx.tool_arguments)
-            if arguments is None:
-                return ToolGuardrailFunctionOutput.reject_content(
-                    f"The call to `{name}` was refused by the access layer and was not run. "
-                    f"Reason: its arguments are not a JSON object (without duplicate keys).")
-            decision = p.authorize(ctx.context, state, name, arguments, call_id)
-        info = _info(decision)
-        if decision.allowed:
-            mismatch = p.agent_mismatch(ctx.context, data.agent)
-            if mismatch is not None:
-                p.release(decision)
-                return ToolGuardrailFunctionOutput.reject_content(
-                    f"The call to `{name}` was refused by the access layer and was not run. "
-                    f"Reason: {mismatch}.", output_info=info)
-            state.authorized[call_id] = decision
-            return ToolGuardrailFunctionOutput.allow(output_info=info)
-        return ToolGuardrailFunctionOutput.reject_content(decision.model_message(),
-                                                          output_info=info)
-
-
-def _info(decision: Decision) -> dict[str, Any]:
-    return {"agentic_iam": {"outcome": decision.outcome, "call_id": decision.call_id,
-                            "execution_id": decision.execution_id,
-                            "reasons": [r.code for r in decision.reasons],
-                            "approval_id": decision.approval_id}}
-
-
-class _Screen:
-    """The tool output guardrail: screen, settle, then the tool's own output guardrails."""
-
-    def __init__(self, protection: _Protection,
-                 inner: list[ToolOutputGuardrail[Any]]) -> None:
-        self.protection = protection
-        self.inner = inner
-
-    async def __call__(self, data: ToolOutputGuardrailData) -> ToolGuardrailFunctionOutput:
-        guard = self.protection.guard
-        ctx = data.context
-        state = _state_of(ctx.context)
-        name, call_id = ctx.tool_name, ctx.tool_call_id
-        decision = state.authorized.pop(call_id, None) if state is not None else None
-        if state is not None and call_id in state.failed:
-            state.failed.discard(call_id)
-            return ToolGuardrailFunctionOutput.reject_content(
-                f"The call to `{name}` failed and produced no output.")
-        if decision is None or decision.tool != name:
-            return ToolGuardrailFunctionOutput.reject_content(_withheld(name))
-        screened = guard.screen(decision, data.output)
-        guard.complete(decision, "success")
-        text = screened.text
-        info = {"agentic_iam": {"call_id": call_id, "blocked": screened.result.blocked,
-                                "labels": sorted(screened.result.labels)}}
-        for guardrail in self.inner:
-            out = await guardrail.run(ToolOutputGuardrailData(context=ctx, agent=data.agent,
-                                                              output=text))
-            if out.behavior["type"] != "allow":
-                return out
-        if isinstance(data.output, str) and text == data.output:
-            return ToolGuardrailFunctionOutput.allow(output_info=info)
-        return ToolGuardrailFunctionOutput.reject_content(text, output_info=info)
-
-
-class _NeedsApproval:
-    """``FunctionTool.needs_approval``: the decision point that can still pause the run."""
-
-    def __init__(self, protection: _Protection, tool: str, original: Any) -> None:
-        self.protection = protection
-        self.tool = tool
-        self.original = original
-
-    async def __call__(self, run_context: RunContextWrapper[Any], params: dict[str, Any],
-                       call_id: str) -> bool:
-        state = _state_of(run_context.context)
-        if state is None:
-            return False  # the input guardrail refuses the call
-        decision = state.decided.get(call_id)
-        if decision is not None and decision.tool != self.tool:
-            self.protection.release(decision)
-            decision = None
-        if decision is None:
-            decision = self.protection.authorize(run_context.context, state, self.tool, params,
-                                                 call_id)
-            state.decided[call_id] = decision
-        if decision.outcome == "deny":
-            return False  # refused anyway: do not ask a human
-        if decision.outcome == "approval_required" or await _flag(
-                self.original, run_context, params, call_id):
-            state.awaiting.add(call_id)  # the SDK pauses the run for this call
-            return True
-        return False
+    return property(get, set_)
 
 
 @dataclass(eq=False)
 class _Protection:
     guard: Guard
     broker: DelegationBroker | None
-    agent_ids: Mapping[str, str]
-    narrow: Narrowing | None
+    agent_ids: dict[str, str]
+    approver: str | None
     allow_unguarded_tools: bool
+    _classes: dict[type, type] = field(default_factory=dict)
+    _tools: dict[tuple[int, str], tuple[weakref.ref[FunctionTool], FunctionTool]] = \
+        field(default_factory=dict)
+    _runs: OrderedDict[int, tuple[object, _Run]] = field(default_factory=OrderedDict)
 
-    def __post_init__(self) -> None:
-        self.authorize_guardrail: ToolInputGuardrail[Any] = ToolInputGuardrail(
-            _Authorize(self), name=_INPUT_NAME)
+    # -- agents --
 
-    # -- identities --
+    def registry_id(self, agent: Agent[Any]) -> str:
+        return self.agent_ids.get(agent.name, agent.name)
 
-    def registry_id(self, agent_name: str) -> str:
-        return self.agent_ids.get(agent_name, agent_name)
-
-    def compatible(self, other: _Protection) -> bool:
-        return (other is self or (other.guard is self.guard and other.broker is self.broker
-                                  and dict(other.agent_ids) == dict(self.agent_ids)
-                                  and other.narrow is self.narrow))
-
-    def _identity(self, context: object, *, revocation: bool) -> ExecutionIdentity | None:
-        token = _token_of(context)
-        if token is None:
-            return None
-        try:
-            return self.guard.verifier.verify(_raw(token), check_revocation=revocation)
-        except Exception:  # an unusable token allows nothing
-            return None
-
-    def agent_mismatch(self, context: object, agent: Agent[Any]) -> str | None:
-        identity = self._identity(context, revocation=False)
-        expected = self.registry_id(agent.name)
-        if identity is None or identity.agent_id == expected:
-            return None
-        return (f"the run's identity belongs to agent `{identity.agent_id}`, but the call came "
-                f"from agent `{expected}`")
-
-    # -- decisions --
-
-    def authorize(self, context: object, state: _RunState, tool: str,
-                  arguments: Mapping[str, Any], call_id: str) -> Decision:
-        token = _token_of(context)
-        asked = state.reasoning.get(call_id)
-        trace_id, span_id = _trace_ids()
-        call = ToolCall(tool, arguments, call_id=call_id, reasoning=ReasoningContext(
-            message=asked.message if asked else None, model=asked.model if asked else None,
-            run_id=state.run_id, parent_run_id=state.parent_run_id,
-            response_id=asked.response_id if asked else None,
-            trace_id=trace_id, span_id=span_id), framework=FRAMEWORK)
-        # No token: the Guard still decides (a deny, audited and counted), from an empty token.
-        decision = self.guard.authorize(token if token is not None else "", call)
-        state.shared.guard = self.guard
-        if decision.approval_id is not None:
-            state.shared.approval_ids[call_id] = decision.approval_id
-        _link(decision, trace_id, span_id)
-        return decision
-
-    def release(self, decision: Decision) -> None:
-        """An allowed decision whose tool will not run: give its reservation back."""
-        if decision.allowed:
-            self.guard.cancel(decision)
-
-    def record_approval(self, context: object, state: _RunState, call_id: str,
-                        decision: Decision) -> None:
-        fallback = context.approver if isinstance(context, IAMRunContext) else DEFAULT_APPROVER
-        approver = state.shared.approvers.pop(call_id, fallback)
-        state.shared.approval_ids.pop(call_id, None)
-        if decision.approval_id is None:
+    def protect_agent(self, agent: Agent[Any]) -> None:
+        theirs = getattr(type(agent), "_aiam_protection", None)
+        if theirs is not None:
+            if theirs.guard is not self.guard or theirs.broker is not self.broker:
+                raise ConfigurationError(f"agent `{agent.name}` is already protected with a "
+                                         f"different Guard or broker")
             return
-        try:
-            self.guard.resolve_approval(decision.approval_id, approved=True, approver=approver)
-        except Exception as exc:  # re-authorization decides either way
-            log.warning("could not record approval %s: %s", decision.approval_id,
-                        type(exc).__name__)
+        base = type(agent)
+        guarded = self._classes.get(base)
+        if guarded is None:
+            async def get_all_tools(agent: Agent[Any], run_context: Any) -> list[Any]:
+                return self.guard_tools(agent, await base.get_all_tools(agent, run_context))
 
-    # -- delegation --
+            guarded = type(base.__name__, (base,), {
+                "get_all_tools": get_all_tools, "hooks": _hooks_property(),
+                "_aiam_protection": self, "__module__": base.__module__,
+                "__qualname__": base.__qualname__})
+            self._classes[base] = guarded
+        agent.__class__ = guarded
 
-    def may_delegate(self, context: object, target: str) -> tuple[bool, str]:
-        identity = self._identity(context, revocation=True)
-        if identity is None:
-            return False, "no valid execution token is bound to this run"
-        if identity.agent_id == target:
-            return True, ""
-        if self.broker is None:
-            return False, "sub-delegation needs a DelegationBroker (protect(..., broker=...))"
-        spec = self.guard.registry.get(identity.agent_id)
-        child = self.guard.registry.get(target)
-        if spec is None or target not in spec.may_delegate_to:
-            return False, (f"agent `{identity.agent_id}` may not delegate to `{target}` "
-                           f"(registry `may_delegate_to`)")
-        if child is None or child.status != "active":
-            return False, f"agent `{target}` is not an active agent in the registry"
-        if identity.depth < 1:
-            return False, "the grant may not be sub-delegated (depth 0)"
-        if self.narrow is None and not len(self.broker.narrowed_capabilities(identity, target)):
-            return False, f"nothing in the grant applies to agent `{target}`"
-        return True, ""
-
-    def delegate(self, context: object, target: str) -> TokenLike:
-        """The token the receiving agent runs with (raises when refused)."""
-        token = _token_of(context)
-        identity = self._identity(context, revocation=True)
-        if token is None or identity is None:
-            raise DelegationError("no valid execution token is bound to this run")
-        if identity.agent_id == target:
-            return token
-        allowed, why = self.may_delegate(context, target)
-        if not allowed or self.broker is None:
-            raise DelegationError(why)
-        capabilities = self.narrow(identity, target) if self.narrow is not None else None
-        return self.broker.subdelegate_for(_raw(token), target, capabilities=capabilities)
-
-    def child_context(self, context: object, state: _RunState, token: TokenLike) -> object:
-        child_state = _new_state(state.shared, state)
-        child_state.root = token  # minted here: it ends with the sub-run, always
-        if isinstance(context, IAMRunContext):
-            scoped = IAMRunContext(token, user_context=context.user_context,
-                                   approver=context.approver)
-            scoped._state = child_state
-            return scoped
-        # Any other context object: a shallow copy carrying the child token and fresh state.
-        child = copy.copy(context)
-        _set_token(child, token)
-        setattr(child, _STATE_ATTR, child_state)
-        return child
-
-    # -- attaching --
-
-    def _claim(self, obj: object, what: str) -> bool:
-        """Mark ``obj`` as protected by us; False when it already was (idempotent)."""
-        existing = getattr(obj, _MARK, None)
-        if isinstance(existing, _Protection):
-            if not self.compatible(existing):
-                raise ConfigurationError(
-                    f"{what} is already protected with a different Guard, broker, agent id "
-                    f"mapping or narrowing hook")
-            return False
-        setattr(obj, _MARK, self)
-        return True
-
-    def protect_agent(self, agent: Agent[Any], seen: set[int]) -> None:
-        if id(agent) in seen:
-            return
-        seen.add(id(agent))
-        if self._claim(agent, f"agent `{agent.name}`") and not isinstance(agent.hooks,
-                                                                          _IAMAgentHooks):
-            agent.hooks = _IAMAgentHooks(self.guard, agent.hooks)
-        for tool in agent.tools:
-            if not isinstance(tool, FunctionTool):
-                if not self.allow_unguarded_tools:
-                    raise ConfigurationError(
-                        f"tool `{getattr(tool, 'name', type(tool).__name__)}` of agent "
-                        f"`{agent.name}` is a {type(tool).__name__}, which the adapter cannot "
-                        f"guard (it is not a FunctionTool); remove it or pass "
-                        f"allow_unguarded_tools=True")
-                continue
-            sub_agent = getattr(tool, "_agent_instance", None)
-            if isinstance(sub_agent, Agent):
-                self.protect_agent_tool(tool, sub_agent)
-                self.protect_agent(sub_agent, seen)
-            else:
-                self.protect_tool(tool)
-        for index, item in enumerate(agent.handoffs):
-            target: Agent[Any] | None = None
+    def guard_tools(self, agent: Agent[Any], tools: list[Any]) -> list[Any]:
+        for item in agent.handoffs:  # targets are guarded before the model can hand off
             if isinstance(item, Agent):
-                target = item
-                item = handoff(item)
-                agent.handoffs[index] = item
+                self.protect_agent(item)
             elif isinstance(item, Handoff):
-                ref = getattr(item, "_agent_ref", None)
-                found = ref() if callable(ref) else None
-                target = found if isinstance(found, Agent) else None
-            if isinstance(item, Handoff):
-                self.protect_handoff(item)
-            if target is not None:
-                self.protect_agent(target, seen)
-        for server in agent.mcp_servers:
-            self.protect_server(server)
+                self.guard_handoff(item)
+        agent_id = self.registry_id(agent)
+        guarded: list[Any] = []
+        for tool in tools:
+            if isinstance(tool, FunctionTool):
+                guarded.append(self.guard_tool(tool, agent_id))
+            elif self.allow_unguarded_tools:
+                guarded.append(tool)
+            else:
+                raise ConfigurationError(
+                    f"tool `{getattr(tool, 'name', type(tool).__name__)}` of agent "
+                    f"`{agent.name}` is a {type(tool).__name__}, which agentic-iam cannot guard; "
+                    f"remove it or protect(..., allow_unguarded_tools=True)")
+        return guarded
 
-    def protect_tool(self, tool: FunctionTool) -> None:
-        if not self._claim(tool, f"tool `{tool.name}`"):
+    def guard_handoff(self, item: Handoff[Any, Any]) -> None:
+        ref = getattr(item, "_agent_ref", None)
+        target = ref() if callable(ref) else None
+        if isinstance(target, Agent):
+            self.protect_agent(target)
+        if getattr(item, "_aiam_guarded", False):
             return
-        inputs = [g for g in tool.tool_input_guardrails or () if not _is_ours(g, _Authorize)]
-        tool.tool_input_guardrails = [*inputs, self.authorize_guardrail]
-        tool.tool_output_guardrails = [self._screen_guardrail(tool.tool_output_guardrails)]
-        tool.needs_approval = _NeedsApproval(self, tool.name, tool.needs_approval)
-        tool.on_invoke_tool = self._guarded_invoke(tool.name, tool.on_invoke_tool)
+        original = item.on_invoke_handoff
 
-    def _screen_guardrail(
-            self, existing: list[ToolOutputGuardrail[Any]] | None) -> ToolOutputGuardrail[Any]:
-        inner = [g for g in existing or () if not _is_ours(g, _Screen)]
-        return ToolOutputGuardrail(_Screen(self, inner), name=_OUTPUT_NAME)
+        async def on_invoke_handoff(ctx: RunContextWrapper[Any], input_json: str) -> Any:
+            agent = await original(ctx, input_json)
+            self.protect_agent(agent)  # a custom handoff may return any agent
+            return agent
 
-    def _guarded_invoke(self, tool_name: str, original: Callable[[ToolContext[Any], str],
-                                                                 Awaitable[Any]]
-                        ) -> Callable[[ToolContext[Any], str], Awaitable[Any]]:
-        guard = self.guard
+        item.on_invoke_handoff = on_invoke_handoff
+        setattr(item, "_aiam_guarded", True)  # noqa: B010
 
+    # -- tools --
+
+    def guard_tool(self, tool: FunctionTool, agent_id: str) -> FunctionTool:
+        if getattr(tool, "_aiam_guarded", None) == (id(self.guard), agent_id):
+            return tool
+        key = (id(tool), agent_id)
+        hit = self._tools.get(key)
+        if hit is not None and hit[0]() is tool:
+            return hit[1]
+        guarded = copy.copy(tool)  # the user's tool object stays as it was
+        inner = tool.on_invoke_tool
+        handled = isinstance(inner, _FailureHandlingFunctionToolInvoker)
+        run = inner._invoke_tool_impl if handled else inner  # type: ignore[attr-defined]
+        sub = tool._agent_instance
+        if isinstance(sub, Agent):
+            self.protect_agent(sub)
+            impl = self.agent_tool(run, sub)
+        else:
+            impl = self.invoker(tool.name, agent_id, run)
+            guarded.needs_approval = self.needs_approval(tool, agent_id)
+        if handled:
+            # Inside the SDK's failure handler: the Guard sees the raise (settled as error),
+            # the model still gets the tool's configured error message.
+            wrapped = _FailureHandlingFunctionToolInvoker(
+                impl, inner._on_handled_error)  # type: ignore[attr-defined]
+            guarded.on_invoke_tool = wrapped.__agents_bind_function_tool__(guarded)
+        else:
+            guarded.on_invoke_tool = impl
+        setattr(guarded, "_aiam_guarded", (id(self.guard), agent_id))  # noqa: B010
+        self._tools[key] = (weakref.ref(tool, lambda _: self._tools.pop(key, None)), guarded)
+        return guarded
+
+    def needs_approval(self, tool: FunctionTool, agent_id: str) -> Any:
+        own = tool.needs_approval
+
+        async def needs_approval(ctx: RunContextWrapper[Any], params: dict[str, Any],
+                                 call_id: str) -> bool:
+            flag = own(ctx, params, call_id) if callable(own) else own
+            if await flag if inspect.isawaitable(flag) else flag:
+                return True  # the tool's own rule; the Guard decides when it runs
+            return await self.begin(ctx, tool.name, call_id, params, agent_id)
+
+        return needs_approval
+
+    async def begin(self, ctx: RunContextWrapper[Any], name: str, call_id: str,
+                    params: dict[str, Any], agent_id: str) -> bool:
+        """Decide now (the SDK can pause only here); run later, in ``on_invoke_tool``."""
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[dict[str, Any]] = loop.create_future()
+        output: asyncio.Future[Any] = loop.create_future()
+
+        async def run(args: dict[str, Any]) -> Any:
+            gate.set_result(args)
+            return await output
+
+        def ask(payload: dict[str, Any]) -> NoReturn:
+            raise _Pause(payload.get("approval_id"))
+
+        token = self.token_for(ctx, agent_id)
+        task = asyncio.ensure_future(self.mediate(ctx, token, name, call_id, params, agent_id,
+                                                  run, ask))
+        waiting: set[asyncio.Future[Any]] = {task, gate}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        state = self.run_of(ctx)
+        if gate.done():
+            parked = _Parked(task, gate, output, token)
+            parked.timer = loop.call_later(_STARTS_WITHIN_S, self.expire, state, call_id, parked)
+            state.parked[call_id] = parked
+            return False
+        error = task.exception()
+        if isinstance(error, _Pause):  # the SDK pauses the run (result.interruptions)
+            if error.args[0] is not None:
+                _keep(_PAUSED, call_id, (self.guard, error.args[0]))
+            return True
+        if error is not None:
+            raise error
+        state.parked[call_id] = task.result()
+        return False
+
+    @staticmethod
+    def expire(state: _Run, call_id: str, parked: _Parked) -> None:
+        if state.parked.get(call_id) is parked:
+            del state.parked[call_id]
+        if parked.timer is not None:
+            parked.timer.cancel()
+        if not parked.output.done():
+            parked.output.set_exception(_NotStarted())
+
+    def expire_all(self, ctx: RunContextWrapper[Any]) -> None:
+        """The turn is over: a call decided but never started (a guardrail in front of ours
+        refused it, the run stopped) is cancelled: reservation and call id are given back."""
+        state = self.run_of(ctx)
+        for call_id, parked in list(state.parked.items()):
+            if isinstance(parked, _Parked):
+                self.expire(state, call_id, parked)
+            else:
+                del state.parked[call_id]
+
+    def invoker(self, name: str, agent_id: str,
+                run: Callable[[ToolContext[Any], str], Awaitable[Any]]
+                ) -> Callable[[ToolContext[Any], str], Awaitable[Any]]:
         async def invoke(ctx: ToolContext[Any], input_json: str) -> Any:
-            state = _state_of(ctx.context)
             call_id = ctx.tool_call_id
-            decision = state.authorized.get(call_id) if state is not None else None
-            if state is None or decision is None or not decision.allowed \
-                    or decision.tool != tool_name:
-                return _withheld(tool_name)  # never runs the tool
-            # Run with the Guard's checked copy, not with the model's string.
-            checked = json.dumps(dict(decision.arguments), ensure_ascii=False)
-            try:
-                return await original(ctx, checked)
-            except BaseException:
-                state.authorized.pop(call_id, None)
-                state.failed.add(call_id)
-                guard.complete(decision, "error")
-                raise
+            found = self.run_of(ctx).parked.pop(call_id, None)
+            if isinstance(found, _Parked):
+                if found.timer is not None:
+                    found.timer.cancel()
+                try:
+                    found.output.set_result(
+                        await self.run_tool(run, ctx, found.gate.result(), found.token))
+                except BaseException as exc:
+                    found.output.set_exception(exc)
+                done = await found.task
+            elif found is not None:
+                done = found
+            else:  # resumed after a pause, or the SDK did not ask needs_approval
+                token = self.token_for(ctx, agent_id)
+                try:
+                    done = await self.mediate(
+                        ctx, token, name, call_id, _arguments(input_json), agent_id,
+                        lambda args: self.run_tool(run, ctx, args, token), self.answer(call_id))
+                except _Pause as pause:  # no SDK pause is possible here; it stays pending
+                    return (f"The call to `{name}` needs a human's approval for this exact call "
+                            f"(request `{pause.args[0]}`, pending) and was not run.")
+            return done.value if done.status in ("ran", "replayed") else done.refusal
 
         return invoke
 
-    def protect_agent_tool(self, tool: FunctionTool, sub_agent: Agent[Any]) -> None:
-        """``agent.as_tool(...)``: the nested run gets a narrower identity (a delegation)."""
-        if not self._claim(tool, f"agent tool `{tool.name}`"):
-            return
-        target = self.registry_id(sub_agent.name)
-        tool.is_enabled = self._delegation_enabled(tool.name, target, tool.is_enabled)
-        original = tool.on_invoke_tool
+    def answer(self, call_id: str) -> Callable[[dict[str, Any]], ApprovalAnswer]:
+        def ask(payload: dict[str, Any]) -> ApprovalAnswer:
+            paused = _PAUSED.get(call_id)
+            if paused is None or paused[1] != payload.get("approval_id"):
+                raise _Pause(payload.get("approval_id"))  # no human saw this exact call
+            del _PAUSED[call_id]
+            return _ANSWERS.pop(call_id, None) or ApprovalAnswer(True, self.approver or "human")
 
+        return ask
+
+    async def run_tool(self, run: Callable[[ToolContext[Any], str], Awaitable[Any]],
+                       ctx: ToolContext[Any], args: dict[str, Any],
+                       token: TokenLike | None) -> Any:
+        ctx._function_tool_arguments = None  # prepared from the model's string, not ours
+        reset = _SCOPE.set((self.guard, token))
+        try:
+            with bind(token) if token is not None else nullcontext():
+                return await run(ctx, json.dumps(args, ensure_ascii=False))
+        finally:
+            _SCOPE.reset(reset)
+
+    async def mediate(self, ctx: RunContextWrapper[Any], token: TokenLike | None, name: str,
+                      call_id: str, args: Mapping[str, Any], agent_id: str,
+                      run: Callable[[dict[str, Any]], Awaitable[Any]],
+                      ask: Callable[[dict[str, Any]], object]) -> Mediated[Any]:
+        asked = self.run_of(ctx).asked.get(call_id, ReasoningContext())
+        reasoning = ReasoningContext(
+            asked.message, asked.model, response_id=asked.response_id,
+            trace_id=_traced(get_current_trace(), "trace_id"),
+            span_id=_traced(get_current_span(), "span_id"))
+        call = ToolCall(name, args, call_id=call_id, reasoning=reasoning, framework=FRAMEWORK)
+        return await self.guard.amediate(token, call, run, ask=ask, agent_id=agent_id,
+                                         paused=lambda exc: isinstance(exc, _NotStarted))
+
+    def agent_tool(self, original: Callable[[ToolContext[Any], str], Awaitable[Any]],
+                   sub: Agent[Any]) -> Callable[[ToolContext[Any], str], Awaitable[Any]]:
+        """``agent.as_tool(...)``: the nested run gets its own child identity."""
         async def invoke(ctx: ToolContext[Any], input_json: str) -> Any:
-            state = _state_of(ctx.context)
-            if state is None:
-                return _refusal(tool.name, target, "this run carries no identity context")
-            child = state.children.get(ctx.tool_call_id)
-            if child is None:
-                try:
-                    token = self.delegate(ctx.context, target)
-                    child = self.child_context(ctx.context, state, token)
-                except Exception as exc:  # refused: tell the model, run on
-                    return _refusal(tool.name, target, _why(exc))
-                state.children[ctx.tool_call_id] = child
-            nested = copy.copy(ctx)  # keeps approvals, usage and nested-run bookkeeping
-            nested.context = child  # the nested Runner.run uses ctx.context as its context
+            target = self.registry_id(sub)
+            parent = _context_token(ctx.context) or current_token()
             try:
-                output = await original(nested, input_json)
-            except BaseException:
-                state.children.pop(ctx.tool_call_id, None)
-                _safely(_finish_run, self.guard, child, "failed")
-                raise
-            child_state = _state_of(child)
-            if child_state is None or not child_state.awaiting:
-                # The sub-run is over. Its final output ended its identity already; if it had
-                # none (the SDK turned a failure into this tool's output), it ends now. A
-                # sub-run paused for a human keeps it: the SDK resumes it with this context.
-                state.children.pop(ctx.tool_call_id, None)
-                _safely(_finish_run, self.guard, child, "failed")
-            return output
-
-        tool.on_invoke_tool = invoke
-
-    def _delegation_enabled(self, tool_name: str, target: str, original: Any) -> Any:
-        async def is_enabled(ctx: RunContextWrapper[Any], agent: Any) -> bool:
-            state = _state_of(ctx.context)
-            if state is not None and isinstance(agent, Agent):
-                state.current_agent = agent
-            if not await _flag(original, ctx, agent):
-                return False
-            allowed, why = self.may_delegate(ctx.context, target)
-            if not allowed and state is not None:
-                state.refused[tool_name] = why
-            return allowed
-
-        return is_enabled
-
-    def protect_handoff(self, item: Handoff[Any, Any]) -> None:
-        if not self._claim(item, f"handoff `{item.tool_name}`"):
-            return
-        target = self.registry_id(item.agent_name)
-        item.is_enabled = self._delegation_enabled(item.tool_name, target, item.is_enabled)
-        original_invoke = item.on_invoke_handoff
-        original_message = item.get_transfer_message
-
-        async def on_invoke_handoff(ctx: RunContextWrapper[Any], input_json: str) -> Agent[Any]:
-            state = _state_of(ctx.context)
+                child = self.child(parent, target)
+            except Exception as exc:  # refused: the model reads why
+                return (f"The delegation to `{target}` was refused by the access layer and did "
+                        f"not happen. Reason: {str(exc).rstrip('.')}.")
+            nested = copy.copy(ctx)
+            nested.context = _with_token(ctx.context, child)
             try:
-                token = self.delegate(ctx.context, target)
-            except Exception as exc:  # refused below, or re-raised (fail closed)
-                current = state.current_agent if state is not None else None
-                if current is None:
-                    raise
-                # The SDK has no "refuse a handoff with a tool result": stay with the current
-                # agent and make the transfer message the refusal the model reads.
-                _HANDOFF_REFUSAL.set(_refusal(item.tool_name, target, _why(exc)))
-                return current
-            if state is not None and token is not _token_of(ctx.context):
-                state.minted.append(token)  # ends with the run, even if the handoff fails
-            agent: Agent[Any] = await original_invoke(ctx, input_json)
-            if self.registry_id(agent.name) != target:
-                raise ConfigurationError(
-                    f"handoff `{item.tool_name}` returned agent `{agent.name}`, expected one "
-                    f"mapped to `{target}`")
-            self.protect_agent(agent, set())
-            _set_token(ctx.context, token)  # the SAME context continues into the new agent
-            return agent
+                with bind(child):
+                    return await original(nested, input_json)
+            finally:
+                if child is not parent:
+                    self.end(child)
 
-        def get_transfer_message(agent: Any) -> str:
-            refusal = _HANDOFF_REFUSAL.get()
-            if refusal is not None:
-                _HANDOFF_REFUSAL.set(None)
-                return refusal
-            return original_message(agent)
+        return invoke
 
-        item.on_invoke_handoff = on_invoke_handoff
-        setattr(item, "get_transfer_message", get_transfer_message)  # noqa: B010
+    # -- identities --
 
-    def protect_server(self, server: Any) -> None:
-        if not hasattr(server, "tool_input_guardrails"):
-            raise ConfigurationError(
-                f"MCP server `{getattr(server, 'name', server)!s}` has no tool guardrails "
-                f"(openai-agents >= 0.24 is needed)")
-        if not self._claim(server, f"MCP server `{getattr(server, 'name', '?')}`"):
+    def run_of(self, ctx: RunContextWrapper[Any]) -> _Run:
+        shared = ctx._approvals  # shared by a run's wrapper, its tool contexts and hooks
+        found = self._runs.get(id(shared))
+        if found is None or found[0] is not shared:
+            found = (shared, _Run())
+            self._runs[id(shared)] = found
+            while len(self._runs) > _KEPT:
+                self._runs.popitem(last=False)
+        return found[1]
+
+    def owner(self, token: TokenLike) -> str | None:
+        try:
+            return self.guard.verifier.verify(_raw(token), check_revocation=False).agent_id
+        except Exception:  # the Guard refuses it, and records why
+            return None
+
+    def child(self, parent: TokenLike | None, agent_id: str) -> TokenLike:
+        """``parent`` itself when it is ``agent_id``'s, else a child minted by the broker."""
+        if parent is None:
+            raise ConfigurationError("this run carries no execution identity")
+        if self.owner(parent) in (agent_id, None):
+            return parent
+        if self.broker is None:
+            raise ConfigurationError("a sub-agent needs its own identity: protect(..., broker=)")
+        return self.broker.subdelegate_for(parent, agent_id)
+
+    def token_for(self, ctx: RunContextWrapper[Any], agent_id: str) -> TokenLike | None:
+        found = _context_token(ctx.context) or current_token()
+        if found is None or self.owner(found) in (agent_id, None):
+            return found
+        children = self.run_of(ctx).children
+        key = (_raw(found), agent_id)
+        if key not in children:
+            try:
+                children[key] = self.child(found, agent_id)
+            except Exception as exc:  # the Guard refuses the parent's token (agent_mismatch)
+                log.warning("no identity for sub-agent `%s`: %s", agent_id, type(exc).__name__)
+                children[key] = None
+        return children[key] or found
+
+    def end(self, token: TokenLike) -> None:
+        try:
+            self.guard.end_execution(token)
+        except Exception as exc:  # it still expires; the run's work is done
+            log.warning("could not end an execution: %s", type(exc).__name__)
+
+    def finished(self, ctx: RunContextWrapper[Any]) -> None:
+        """The run produced its final output: its sub-agent identities end (and its own, for an
+        :class:`IAMRunContext` that did not opt out)."""
+        self.expire_all(ctx)
+        state = self.run_of(ctx)
+        for child in [c for c in state.children.values() if c is not None]:
+            self.end(child)
+        state.children.clear()
+        # An agent started from inside a guarded tool may share its parent's context: only a
+        # run that is not inside a tool ends the context's own token.
+        if isinstance(ctx.context, IAMRunContext) and ctx.context.end_on_finish \
+                and ctx.context.token is not None and _SCOPE.get() is None:
+            self.end(ctx.context.token)
+
+    def observe_request(self, ctx: RunContextWrapper[Any], agent: Agent[Any],
+                        items: Iterable[Any]) -> None:
+        """The user's request, for argument provenance (the Guard ignores it for a child)."""
+        self.expire_all(ctx)
+        state = self.run_of(ctx)
+        if state.observed or isinstance(ctx, ToolContext):
+            return  # once per run; an ``as_tool`` input was written by a model
+        state.observed = True
+        token = self.token_for(ctx, self.registry_id(agent))
+        if token is None:
             return
-        inputs = [g for g in server.tool_input_guardrails or () if not _is_ours(g, _Authorize)]
-        server.tool_input_guardrails = [*inputs, self.authorize_guardrail]
-        server.tool_output_guardrails = [self._screen_guardrail(server.tool_output_guardrails)]
+        try:
+            self.guard.observe(token, _input_texts(items), "request")
+        except Exception as exc:  # provenance only: unknown targets stay unknown
+            log.warning("could not record the user's request: %s", type(exc).__name__)
 
-
-def _why(exc: BaseException) -> str:
-    message = str(exc) or type(exc).__name__
-    return message.rstrip(".")
-
-
-def _refusal(tool: str, target: str, why: str) -> str:
-    return (f"The delegation `{tool}` to `{target}` was refused by the access layer and did not "
-            f"happen. Reason: {why}. Continue without it or tell the user what you could not do.")
+    def record_response(self, ctx: RunContextWrapper[Any], agent: Agent[Any],
+                        response: ModelResponse) -> None:
+        asked = _asked(agent, response)
+        state = self.run_of(ctx)
+        for item in response.output:
+            call_id = getattr(item, "call_id", None)
+            if isinstance(call_id, str):
+                state.asked[call_id] = asked
+        token = self.token_for(ctx, self.registry_id(agent))
+        usage = response.usage
+        if token is not None and (usage.input_tokens or usage.output_tokens):
+            try:
+                self.guard.charge_usage(token, input_tokens=usage.input_tokens,
+                                        output_tokens=usage.output_tokens, model=asked.model,
+                                        framework=FRAMEWORK)
+            except Exception as exc:  # accounting; the next tool call is checked anyway
+                log.warning("could not charge LLM usage: %s", type(exc).__name__)
 
 
 def protect(agent: Agent[Any], guard: Guard, *, broker: DelegationBroker | None = None,
-            agent_ids: Mapping[str, str] | None = None, narrow: Narrowing | None = None,
-            allow_unguarded_tools: bool = False) -> Agent[Any]:
-    """Put ``agent`` and every agent it can reach under ``guard``; returns ``agent``.
+            agent_id: str | None = None, agent_ids: Mapping[str, str] | None = None,
+            approver: str | None = None, allow_unguarded_tools: bool = False) -> Agent[Any]:
+    """Guard ``agent`` (and every agent it reaches at run time); returns ``agent`` itself.
 
-    ``agent_ids`` maps SDK agent names to registry ids (default: the agent's name). ``broker``
-    mints the narrower identities of handoff targets and ``as_tool`` agents; without it those
-    delegations are refused. ``narrow(parent_identity, child_id)`` may choose the child's
-    capabilities (they must narrow the parent's). Mutates the agents, tools, handoffs and MCP
-    servers in place, once: protecting again with the same settings does nothing, with other
-    settings raises :class:`ConfigurationError`. Agents added later (a custom handoff's target)
-    are protected when the handoff happens.
+    ``agent_id`` is the registry id ``agent`` runs as (default: its name); ``agent_ids`` maps
+    other SDK agent names (handoff targets, ``as_tool`` agents) to registry ids. ``broker`` mints
+    the sub-agents' identities (without it their calls are refused). ``approver``: the configured
+    approver a plain ``state.approve(item)`` counts as. Protecting again with the same Guard and
+    broker does nothing; with another one raises :class:`ConfigurationError`.
     """
-    protection = _Protection(guard, broker, dict(agent_ids or {}), narrow, allow_unguarded_tools)
-    protection.protect_agent(agent, set())
+    ids = dict(agent_ids or {})
+    if agent_id is not None:
+        ids[agent.name] = agent_id
+    _Protection(guard, broker, ids, approver, allow_unguarded_tools).protect_agent(agent)
     return agent
 
 
-def iam_run_config(*, tool_error_formatter: Callable[[ToolErrorFormatterArgs[Any]], Any]
-                   | None = None, **kwargs: Any) -> RunConfig:
-    """A ``RunConfig`` in which a call to a hidden (refused) handoff or agent tool is answered
-    with a model-readable refusal instead of aborting the run (``ModelBehaviorError``).
+def _call_id(item: ToolApprovalItem) -> str:
+    raw = item.raw_item
+    call_id = raw.get("call_id") if isinstance(raw, Mapping) else getattr(raw, "call_id", None)
+    if not isinstance(call_id, str):
+        raise ConfigurationError("this approval item has no call id")
+    return call_id
 
-    Other ``RunConfig`` fields pass through ``kwargs``; ``tool_error_formatter`` is consulted for
-    everything else.
-    """
 
-    async def formatter(args: ToolErrorFormatterArgs[Any]) -> str | None:
-        if args.kind == "tool_not_found":
-            state = _state_of(args.run_context.context)
-            why = state.refused.get(args.tool_name) if state is not None else None
-            if why is not None:
-                return (f"The call to `{args.tool_name}` was refused by the access layer and "
-                        f"did not happen. Reason: {why}. Continue without it or tell the user "
-                        f"what you could not do.")
-        if tool_error_formatter is None:
-            return None
-        result = tool_error_formatter(args)
-        if inspect.isawaitable(result):
-            result = await result
-        return result if isinstance(result, str) or result is None else str(result)
+def approve(state: RunState[Any], item: ToolApprovalItem, *, approver: str) -> None:
+    """Approve the paused call ``item`` as ``approver`` (a configured approver id); resume with
+    ``Runner.run(agent, state)``. The Guard records the approval when the call runs."""
+    _keep(_ANSWERS, _call_id(item), ApprovalAnswer(True, approver))
+    state.approve(item)
 
-    kwargs.setdefault("tool_not_found_behavior", "return_error_to_model")
-    return RunConfig(tool_error_formatter=formatter, **kwargs)
 
+def reject(state: RunState[Any], item: ToolApprovalItem, *, approver: str,
+           message: str | None = None) -> None:
+    """Reject the paused call ``item`` as ``approver``: recorded by the Guard now."""
+    paused = _PAUSED.pop(_call_id(item), None)
+    if paused is not None:
+        try:
+            paused[0].resolve_approval(paused[1], approved=False, approver=approver)
+        except Exception as exc:  # the call stays refused either way
+            log.warning("could not record the rejection: %s", type(exc).__name__)
+    state.reject(item, rejection_message=message)
+
+
+def scoped(items: Iterable[T], *, scope_of: Callable[[T], object],
+           id_of: Callable[[T], object], query: str | None = None) -> MemoryFiltered[T]:
+    """Inside a guarded tool: the retrieved ``items`` the run's grant may read (by memory scope);
+    a revoked or expired run reads nothing. Records ``memory.retrieved``."""
+    found = _SCOPE.get()
+    if found is None:
+        raise ConfigurationError("scoped() works inside a tool of a protected agent")
+    guard, token = found
+    return guard.filter_memory(token, items, scope_of=scope_of, id_of=id_of, query=query,
+                               framework=FRAMEWORK)

@@ -1,254 +1,174 @@
-"""Handoffs and agents-as-tools run under a sub-delegated, narrower identity."""
+"""Sub-agents run under their own narrowed identity (``broker.subdelegate_for``), never the
+parent's: handoff targets, ``as_tool`` agents and agents started from inside a tool. Without a
+broker their calls are refused (``identity.agent_mismatch``). Their identities end with their
+run."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import pytest
-from agents import Agent, Runner
-from agents.exceptions import ModelBehaviorError
+from agents import Agent, Runner, function_tool
+from agents.tool_context import ToolContext
 
-from agentic_iam import ExecutionIdentity, ExecutionToken
-from agentic_iam.integrations.openai_agents import (
-    IAMRunContext,
-    IAMRunHooks,
-    iam_run_config,
-    protect,
-)
+from agentic_iam.integrations.openai_agents import IAMRunContext, protect
 from tests.conftest import Env
 from tests.integrations.openai_agents.conftest import (
     REQUEST,
     Backend,
     Scripted,
     call,
+    decided,
+    events,
     execute,
     refund_tools,
     say,
     support_tools,
 )
 
-IDS = {"triage": "support-agent", "refunds": "refund-bot", "reconciler": "reconcile-agent"}
-
-
-def at_most_20(parent: ExecutionIdentity, child: str) -> list[str] | None:
-    """The narrowing hook: refund-bot may refund at most 20, whatever the parent may."""
-    return ["refund:create amount<=20"] if child == "refund-bot" else None
-
 
 def refund(amount: int) -> dict[str, Any]:
     return {"amount": amount, "currency": "USD", "account": "acct-42"}
 
 
-def decided(env: Env) -> dict[str, Any]:
-    return {e.call_id: e for e in env.sink.events if e.event_type == "tool_call.decided"}
-
-
-def refunds_agent(model: Scripted, backend: Backend) -> Agent[Any]:
+def refund_bot(model: Scripted, backend: Backend) -> Agent[Any]:
     return Agent(name="refunds", handoff_description="Executes refunds.", model=model,
                  tools=refund_tools(backend))
 
 
-def test_handoff_target_runs_narrower_and_cannot_exceed_its_grant(env: Env) -> None:
-    backend = Backend()
-    refunds_model = Scripted(
-        [say("Refunding 80, then 15."), call("create_refund", "d1", **refund(80)),
-         call("create_refund", "d2", **refund(15))],
-        [say("Refunded 15 USD; 80 was refused.")])
-    triage_model = Scripted([say("Handing over to refunds."), call("transfer_to_refunds", "h1")])
-    triage = Agent(name="triage", model=triage_model, tools=support_tools(backend),
-                   handoffs=[refunds_agent(refunds_model, backend)])
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS, narrow=at_most_20)
-    parent = env.refund_token(max_amount=100)
-    context = IAMRunContext(parent)
-
-    result = execute("run", triage, REQUEST, context=context, hooks=IAMRunHooks(env.guard))
-
-    assert result.last_agent.name == "refunds"
-    assert result.final_output == "Refunded 15 USD; 80 was refused."
-    # the parent's grant would have allowed 80 ...
-    assert parent.identity.capabilities.check("refund:create", refund(80)).ok
-    # ... the child's did not
-    assert backend.executions == [("create_refund", refund(15))]
-    assert "was refused by the access layer" in refunds_model.outputs()["d1"]
-    events = decided(env)
-    child_execution = events["d1"].execution_id
-    assert events["d1"].decision.outcome == "deny" and events["d2"].decision.outcome == "allow"
-    assert events["d1"].agent_id == events["d2"].agent_id == "refund-bot"
-    assert child_execution != parent.identity.execution_id
-    assert [hop.id for hop in events["d1"].chain] == [
-        "alice@example.com", "support-agent", "refund-bot"]
-    assert events["d1"].chain[1].execution_id == parent.identity.execution_id
-    assert events["d1"].reasoning.message == "Refunding 80, then 15."
-    # the shared run context now carries the child's token (a one-way transfer)
-    assert isinstance(context.token, ExecutionToken)
-    assert context.token.identity.agent_id == "refund-bot"
-    assert [c.describe() for c in context.token.identity.capabilities] == [
-        "refund:create amount<=20"]
-    minted = [e for e in env.sink.events if e.event_type == "delegation.subdelegated"]
-    assert len(minted) == 1 and minted[0].parent_execution_id == parent.identity.execution_id
-    assert env.guard.stats == {"allow": 1, "deny": 1, "approval_required": 0}
+IDS = {"refunds": "refund-bot"}
 
 
-def test_handoff_outside_the_registry_is_hidden_and_refused(env: Env) -> None:
-    backend = Backend()
-    reconciler_model = Scripted([say("reconciling")])
-    reconciler = Agent(name="reconciler", model=reconciler_model, tools=[])
-    triage_model = Scripted([call("transfer_to_reconciler", "h2")],
-                            [say("I cannot hand this over.")])
-    triage = Agent(name="triage", model=triage_model, handoffs=[reconciler],
-                   tools=support_tools(backend))
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS)
-    context = IAMRunContext(env.refund_token())
-
-    result = execute("run", triage, REQUEST, context=context, run_config=iam_run_config())
-
-    assert "transfer_to_reconciler" not in triage_model.offered[0]  # is_enabled hid it
-    assert result.final_output == "I cannot hand this over."
-    assert result.last_agent.name == "triage"
-    refusal = triage_model.outputs()["h2"]
-    assert "refused by the access layer" in refusal
-    assert "may not delegate to `reconcile-agent`" in refusal
-    assert reconciler_model.inputs == []
-    assert context.token.identity.agent_id == "support-agent"  # type: ignore[union-attr]
+def child_of(env: Env, root: Any, event: Any) -> None:
+    """``event`` was decided under a child of ``root`` minted for refund-bot."""
+    parent = env.guard.verifier.verify(root.token, check_revocation=False)
+    assert event.agent_id == "refund-bot"
+    assert event.execution_id != parent.execution_id
+    minted = [e for e in env.sink.events if e.event_type == "delegation.subdelegated"
+              and e.execution_id == event.execution_id]
+    assert len(minted) == 1 and minted[0].parent_execution_id == parent.execution_id
 
 
-def test_forced_hidden_handoff_without_run_config_aborts_without_transfer(env: Env) -> None:
-    reconciler_model = Scripted([say("reconciling")])
-    triage_model = Scripted([call("transfer_to_reconciler", "h3")], [say("?")])
-    triage = Agent(name="triage", model=triage_model,
-                   handoffs=[Agent(name="reconciler", model=reconciler_model)])
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS)
-    # the SDK's default for an unknown tool is to raise; nothing was transferred
-    with pytest.raises(ModelBehaviorError):
-        execute("run", triage, REQUEST, context=IAMRunContext(env.refund_token()))
-    assert reconciler_model.inputs == []
+def test_handoff_target_runs_under_a_narrower_child(env: Env, backend: Backend) -> None:
+    target_model = Scripted([call("create_refund", "d1", **refund(80)),
+                             call("read_ticket", "d2", ticket_id="T-1042")],
+                            [say("Refunded.")])
+    triage = Agent(name="triage", model=Scripted([call("transfer_to_refunds", "h1")]),
+                   tools=support_tools(backend), handoffs=[refund_bot(target_model, backend)])
+    protect(triage, env.guard, broker=env.broker, agent_id="support-agent", agent_ids=IDS)
+    # refund:create only: read_ticket is not in the parent's grant, so not in the child's
+    root = env.refund_token(capabilities=["refund:create amount<=100"])
+
+    result = execute("run", triage, REQUEST, context=IAMRunContext(root, end_on_finish=False))
+
+    assert result.final_output == "Refunded."
+    assert backend.executions == [("create_refund", refund(80))]
+    found = decided(env)
+    child_of(env, root, found["d1"])
+    assert found["d2"].decision.outcome == "deny"
+    # the child ended with the run; the opted-out root did not
+    ended = events(env, "execution.ended")
+    assert [e.execution_id for e in ended] == [found["d1"].execution_id]
 
 
-def test_handoff_refused_at_invocation_keeps_the_run_going(env: Env) -> None:
-    def too_wide(parent: ExecutionIdentity, child: str) -> list[str]:
-        return ["refund:create amount<=1000"]  # wider than the parent: the broker refuses
+def test_as_tool_runs_under_its_own_child_and_the_parent_keeps_its_identity(
+        env: Env, backend: Backend) -> None:
+    sub_model = Scripted([call("create_refund", "s1", **refund(40))], [say("refunded 40")])
+    sub = refund_bot(sub_model, backend)
+    parent_model = Scripted([call("refunds", "p1", input="refund 40"),
+                             call("create_refund", "p2", **refund(10))],
+                            [say("done")])
+    parent = Agent(name="triage", model=parent_model,
+                   tools=[sub.as_tool("refunds", "Executes refunds."), *refund_tools(backend)])
+    protect(parent, env.guard, broker=env.broker, agent_id="support-agent", agent_ids=IDS)
+    root = env.refund_token()
 
-    backend = Backend()
-    refunds_model = Scripted([say("refunding")])
-    triage_model = Scripted([call("transfer_to_refunds", "h4")], [say("Handled it myself.")])
-    triage = Agent(name="triage", model=triage_model,
-                   handoffs=[refunds_agent(refunds_model, backend)])
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS, narrow=too_wide)
-    context = IAMRunContext(env.refund_token(max_amount=100))
+    execute("run", parent, REQUEST, context=IAMRunContext(root))
 
-    result = execute("run", triage, REQUEST, context=context)
-
-    assert result.final_output == "Handled it myself."
-    assert result.last_agent.name == "triage"
-    assert refunds_model.inputs == []
-    assert "was refused by the access layer" in triage_model.outputs()["h4"]
-    assert "widen" in triage_model.outputs()["h4"]
-    assert context.token.identity.agent_id == "support-agent"  # type: ignore[union-attr]
-
-
-def test_agent_as_tool_runs_narrower_and_parent_keeps_its_identity(env: Env) -> None:
-    backend = Backend()
-    refunds_model = Scripted(
-        [say("Sub-agent: refunding 80, then 15."), call("create_refund", "e1", **refund(80)),
-         call("create_refund", "e2", **refund(15))],
-        [say("Refunded 15 USD.")])
-    refunds = refunds_agent(refunds_model, backend)
-    supervisor_model = Scripted(
-        [say("Asking the refunds agent."),
-         call("ask_refunds", "t1", input="refund 80 then 15 USD to acct-42")],
-        [say("The refunds agent refunded 15 USD.")])
-    supervisor = Agent(name="triage", model=supervisor_model, tools=[
-        refunds.as_tool(tool_name="ask_refunds", tool_description="Delegate refunds.")])
-    protect(supervisor, env.guard, broker=env.broker, agent_ids=IDS, narrow=at_most_20)
-    parent = env.refund_token(max_amount=100)
-    context = IAMRunContext(parent)
-
-    result = execute("run", supervisor, REQUEST, context=context, hooks=IAMRunHooks(env.guard))
-
-    assert result.final_output == "The refunds agent refunded 15 USD."
-    assert supervisor_model.outputs()["t1"] == "Refunded 15 USD."
-    assert backend.executions == [("create_refund", refund(15))]
-    assert context.token is parent  # the parent's identity is untouched
-    events = decided(env)
-    assert events["e1"].decision.outcome == "deny"
-    assert events["e1"].agent_id == "refund-bot"
-    assert events["e1"].execution_id != parent.identity.execution_id
-    # reasoning captured inside the nested run (the SDK does not pass run hooks to it)
-    assert "Sub-agent: refunding 80" in events["e1"].reasoning.message
-    assert events["e1"].reasoning.parent_run_id is not None
-    assert "t1" not in events  # the delegation itself is not a registry tool call
+    assert sorted(backend.executions, key=str) == sorted(
+        [("create_refund", refund(40)), ("create_refund", refund(10))], key=str)
+    found = decided(env)
+    child_of(env, root, found["s1"])
+    assert found["p2"].agent_id == "support-agent"
+    assert parent_model.outputs()["p1"] == "refunded 40"
+    ended = {e.execution_id for e in events(env, "execution.ended")}
+    assert found["s1"].execution_id in ended
 
 
-def test_agent_as_tool_outside_the_registry_is_hidden_and_refused(env: Env) -> None:
-    reconciler_model = Scripted([say("reconciling")])
-    reconciler = Agent(name="reconciler", model=reconciler_model)
-    supervisor_model = Scripted([call("reconcile", "t2", input="reconcile the ledger")],
-                                [say("Could not reconcile.")])
-    supervisor = Agent(name="triage", model=supervisor_model, tools=[
-        reconciler.as_tool(tool_name="reconcile", tool_description="Reconcile.")])
-    protect(supervisor, env.guard, broker=env.broker, agent_ids=IDS)
+def test_an_agent_started_from_inside_a_tool_gets_its_own_identity(
+        env: Env, backend: Backend) -> None:
+    sub_model = Scripted([call("create_refund", "i1", **refund(30))], [say("refunded 30")])
+    sub = protect(refund_bot(sub_model, backend), env.guard, broker=env.broker,
+                  agent_id="refund-bot")
 
-    result = execute("run", supervisor, REQUEST, context=IAMRunContext(env.refund_token()),
-                     run_config=iam_run_config())
+    @function_tool
+    async def search_kb(ctx: ToolContext[Any], query: str) -> str:
+        """Search the knowledge base (this one asks the refund bot)."""
+        backend.record("search_kb", query=query)
+        result = await Runner.run(sub, query, context=ctx.context)  # the parent's context
+        return str(result.final_output)
 
-    assert "reconcile" not in supervisor_model.offered[0]
-    assert result.final_output == "Could not reconcile."
-    assert "refused by the access layer" in supervisor_model.outputs()["t2"]
-    assert reconciler_model.inputs == []
+    parent_model = Scripted([call("search_kb", "k1", query="refund 30")], [say("done")])
+    parent = protect(Agent(name="triage", model=parent_model, tools=[search_kb]), env.guard,
+                     broker=env.broker, agent_id="support-agent")
+    root = env.refund_token(capabilities=["refund:create amount<=100", "kb:search"])
 
+    execute("run", parent, REQUEST, context=IAMRunContext(root))
 
-def test_approval_inside_an_agent_tool_pauses_the_whole_run(env: Env) -> None:
-    backend = Backend()
-    refunds_model = Scripted([call("create_refund", "n1", **refund(150))],
-                             [say("Refunded 150 USD.")])
-    refunds = refunds_agent(refunds_model, backend)
-    supervisor_model = Scripted([call("ask_refunds", "t3", input="refund 150 USD to acct-42")],
-                                [say("Done.")])
-    supervisor = Agent(name="triage", model=supervisor_model, tools=[
-        refunds.as_tool(tool_name="ask_refunds", tool_description="Delegate refunds.")])
-    protect(supervisor, env.guard, broker=env.broker, agent_ids=IDS)
-    context = IAMRunContext(env.refund_token(max_amount=200))
-
-    async def scenario() -> Any:
-        result = await Runner.run(supervisor, REQUEST, context=context)
-        assert [i.raw_item.call_id for i in result.interruptions] == ["n1"]
-        assert backend.executions == []
-        state = result.to_state()
-        context.approve(state, result.interruptions[0], approver="bob@example.com")
-        return await Runner.run(supervisor, state)
-
-    result = asyncio.run(scenario())
-    assert result.final_output == "Done."
-    assert backend.executions == [("create_refund", refund(150))]
-    granted = [e for e in env.sink.events if e.event_type == "approval.granted"]
-    assert granted[0].extra["approver"] == "bob@example.com"
-    assert [e.decision.outcome for e in env.sink.events
-            if e.event_type == "tool_call.decided"] == ["approval_required", "allow"]
+    assert backend.names() == ["search_kb", "create_refund"]
+    found = decided(env)
+    child_of(env, root, found["i1"])
+    assert parent_model.outputs()["k1"] == "refunded 30"
+    # the sub-run ended its own identity, not the parent's (which ended with the parent run)
+    ended = [e.execution_id for e in events(env, "execution.ended")]
+    assert ended == [found["i1"].execution_id, found["k1"].execution_id]
 
 
-def test_default_narrowing_is_the_registry_intersection(env: Env) -> None:
-    backend = Backend()
-    refunds_model = Scripted([call("create_refund", "g1", **refund(50)),
-                              call("search_kb", "g2", query="refund policy")],
-                             [say("Refunded 50 USD.")])
-    refunds = Agent(name="refunds", model=refunds_model,
-                    tools=[*refund_tools(backend),
-                           *[t for t in support_tools(backend) if t.name == "search_kb"]])
-    triage = Agent(name="triage", model=Scripted([call("transfer_to_refunds", "h5")]),
-                   handoffs=[refunds])
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS)
-    parent = env.refund_token(capabilities=["refund:create amount<=100", "ticket:read",
-                                            "kb:search"])
-    context = IAMRunContext(parent)
+def test_without_a_broker_sub_agents_are_refused(env: Env, backend: Backend) -> None:
+    target_model = Scripted([call("create_refund", "n1", **refund(10))], [say("refused")])
+    triage = Agent(name="triage", model=Scripted([call("transfer_to_refunds", "h1")]),
+                   tools=support_tools(backend), handoffs=[refund_bot(target_model, backend)])
+    protect(triage, env.guard, agent_id="support-agent", agent_ids=IDS)  # no broker
 
-    execute("run", triage, REQUEST, context=context)
+    execute("run", triage, REQUEST, context=IAMRunContext(env.refund_token()))
 
-    child = context.token
-    assert isinstance(child, ExecutionToken) and child.identity.agent_id == "refund-bot"
-    # kb:search is in the parent's grant but not among refund-bot's registry tools
-    assert sorted(c.describe() for c in child.identity.capabilities) == [
-        "refund:create amount<=100", "ticket:read"]
-    assert child.identity.budget.tool_calls == 10  # refund-bot's maximum, below the parent's
-    assert backend.executions == [("create_refund", refund(50))]
-    assert decided(env)["g2"].decision.reasons[0].code == "registry.tool_unregistered"
+    assert backend.executions == []
+    event = decided(env)["n1"]
+    assert event.decision.reasons[0].code == "identity.agent_mismatch"
+
+
+def test_as_tool_without_a_broker_is_refused(env: Env, backend: Backend) -> None:
+    sub = refund_bot(Scripted([call("create_refund", "z1", **refund(10))]), backend)
+    parent_model = Scripted([call("refunds", "z0", input="refund 10")], [say("done")])
+    parent = protect(Agent(name="triage", model=parent_model,
+                           tools=[sub.as_tool("refunds", "Executes refunds.")]),
+                     env.guard, agent_id="support-agent", agent_ids=IDS)
+
+    execute("run", parent, REQUEST, context=IAMRunContext(env.refund_token()))
+
+    assert backend.executions == []
+    assert "was refused by the access layer" in parent_model.outputs()["z0"]
+
+
+def test_a_delegation_the_registry_does_not_allow_is_refused(env: Env,
+                                                              backend: Backend) -> None:
+    # reconcile-agent is not in support-agent's may_delegate_to
+    target = Agent(name="reconciler", handoff_description="Reconciles.",
+                   model=Scripted([call("list_transactions", "r1", account="a", day="d")],
+                                  [say("no")]), tools=[])
+
+    @function_tool
+    def list_transactions(account: str, day: str) -> str:
+        """List ledger transactions."""
+        backend.record("list_transactions", account=account, day=day)
+        return "[]"
+
+    target.tools.append(list_transactions)
+    triage = Agent(name="triage", model=Scripted([call("transfer_to_reconciler", "h1")]),
+                   tools=support_tools(backend), handoffs=[target])
+    protect(triage, env.guard, broker=env.broker, agent_id="support-agent",
+            agent_ids={"reconciler": "reconcile-agent"})
+
+    execute("run", triage, REQUEST, context=IAMRunContext(env.refund_token()))
+
+    assert backend.executions == []
+    assert decided(env)["r1"].decision.outcome == "deny"

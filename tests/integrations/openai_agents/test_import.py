@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-BLOCKED = ["agents", "agents.tool_guardrails", "agents.tracing"]
+BLOCKED = ["agents", "agents.tool_context", "agents.tracing"]
 
 
 @pytest.mark.parametrize("module", BLOCKED)
@@ -36,7 +36,7 @@ def test_missing_framework_names_the_extra(module: str) -> None:
 def test_missing_framework_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from agentic_iam.errors import MissingExtraError
 
-    monkeypatch.setitem(sys.modules, "agents.tool_guardrails", None)
+    monkeypatch.setitem(sys.modules, "agents.tool_context", None)
     monkeypatch.delitem(sys.modules, "agentic_iam.integrations.openai_agents", raising=False)
     with pytest.raises(MissingExtraError, match=r"agentic-iam\[openai-agents\]"):
         import agentic_iam.integrations.openai_agents  # noqa: F401

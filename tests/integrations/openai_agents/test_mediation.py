@@ -1,102 +1,198 @@
-"""Complete mediation: every tool execution on every path has exactly one allow decision.
-
-One run covers function tools, an agent used ``as_tool``, an MCP server and a handoff target;
-the tools record what really ran, and the count is compared with the Guard's decisions.
+"""One mediation path: allowed calls run with the checked copy and are screened, refused calls are
+model-readable, a tool that raises is charged as an error, and a run with no identity is decided
+and recorded (refused) — through ``Runner.run``, ``Runner.run_streamed`` and ``Runner.run_sync``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agents import Agent, Runner
+from agents import Agent, function_tool
 
-from agentic_iam import ExecutionIdentity
-from agentic_iam.integrations.openai_agents import IAMRunContext, IAMRunHooks, protect
+from agentic_iam import bind
+from agentic_iam.integrations.openai_agents import IAMRunContext, protect
 from tests.conftest import Env
 from tests.integrations.openai_agents.conftest import (
+    INPUT_TOKENS,
+    MODES,
+    OUTPUT_TOKENS,
     REQUEST,
     Backend,
+    Mode,
     Scripted,
     call,
-    refund_tools,
+    decided,
+    events,
+    execute,
     say,
     support_tools,
+    think,
 )
 
-pytest.importorskip("mcp")
-from tests.integrations.openai_agents._mcp_support import (
-    InProcessMCP,
-    Received,
-    upstream_server,
-)
-
-IDS = {"triage": "support-agent", "refunds_a": "refund-bot", "refunds_b": "refund-bot"}
+REFUND_50 = {"amount": 50, "currency": "USD", "account": "acct-42"}
 
 
-def at_most_20(parent: ExecutionIdentity, child: str) -> list[str] | None:
-    return ["refund:create amount<=20", "ticket:read"] if child == "refund-bot" else None
+def support_agent(env: Env, model: Scripted, backend: Backend) -> Agent[Any]:
+    return protect(Agent(name="support-agent", instructions="Help the customer.", model=model,
+                         tools=support_tools(backend)), env.guard, broker=env.broker,
+                   agent_id="support-agent")
 
 
-def refund(amount: int) -> dict[str, Any]:
-    return {"amount": amount, "currency": "USD", "account": "acct-42"}
+def refund_turns() -> Scripted:
+    return Scripted(
+        [think("Alice was double charged: refund 50, and try the full 500 and a cleanup."),
+         say("Refunding 50 USD to acct-42."),
+         call("create_refund", "c1", **REFUND_50),
+         call("create_refund", "c2", amount=500, currency="USD", account="acct-42"),
+         call("delete_account", "c3", account="acct-42")],
+        [say("Refunded 50 USD; the rest was refused.")])
 
 
-async def test_decisions_equal_executions_over_all_paths(env: Env) -> None:
-    backend = Backend()
-    received: Received = []
-    server = InProcessMCP(upstream_server(received, refunds=False))
-    refunds_a_model = Scripted(
-        [say("A: refunding 10 and 90."), call("create_refund", "a1", **refund(10)),
-         call("create_refund", "a2", **refund(90))],
-        [say("A: refunded 10.")])
-    refunds_b_model = Scripted(
-        [say("B: reading and refunding 99."), call("read_ticket", "b1", ticket_id="T-1042"),
-         call("create_refund", "b2", **refund(99))],
-        [say("B: done.")])
-    refunds_a = Agent(name="refunds_a", model=refunds_a_model, tools=refund_tools(backend))
-    refunds_b = Agent(name="refunds_b", model=refunds_b_model, tools=refund_tools(backend))
-    triage_tools = [t for t in support_tools(backend) if t.name != "read_ticket"]
-    triage_model = Scripted(
-        [say("Looking things up and refunding."),
-         call("search_kb", "s1", query="double charge"),
-         call("create_refund", "s2", **refund(30)),
-         call("create_refund", "s3", **refund(500)),
-         call("delete_account", "s4", account="acct-42"),
-         call("ask_refunds", "s5", input="refund 10 and 90 USD to acct-42")],
-        [say("Reading the ticket over MCP."), call("read_ticket", "s6", ticket_id="T-1042")],
-        [say("Handing over."), call("transfer_to_refunds_b", "s7")])
-    triage = Agent(
-        name="triage", model=triage_model, mcp_servers=[server], handoffs=[refunds_b],
-        tools=[*triage_tools, refunds_a.as_tool(tool_name="ask_refunds",
-                                                tool_description="Delegate refunds.")])
-    protect(triage, env.guard, broker=env.broker, agent_ids=IDS, narrow=at_most_20)
+@pytest.mark.parametrize("mode", MODES)
+def test_allowed_runs_refused_are_model_readable(env: Env, backend: Backend,
+                                                 mode: Mode) -> None:
+    model = refund_turns()
+    agent = support_agent(env, model, backend)
 
-    await server.connect()
-    try:
-        token = env.refund_token(capabilities=["refund:create amount<=100", "ticket:read",
-                                               "kb:search"])
-        result = await Runner.run(triage, REQUEST, context=IAMRunContext(token),
-                                  hooks=IAMRunHooks(env.guard))
-    finally:
-        await server.cleanup()
+    result = execute(mode, agent, REQUEST, context=IAMRunContext(env.refund_token()))
 
-    assert result.final_output == "B: done."
-    executed = backend.executions + received
-    decided = [e for e in env.sink.events if e.event_type == "tool_call.decided"]
-    allowed = [e for e in decided if e.decision.outcome == "allow"]
-    # every execution has an allow decision and every allow decision one execution
-    assert env.guard.stats["allow"] == len(allowed) == len(executed) == 5
-    assert Counter(e.tool for e in allowed) == Counter(name for name, _ in executed)
-    # every tool call the models asked for was decided once (delegations are not tool calls)
-    requested = {"s1", "s2", "s3", "s4", "s6", "a1", "a2", "b1", "b2"}
-    assert sorted(e.call_id for e in decided) == sorted(requested)
-    assert sum(env.guard.stats.values()) == len(requested)
-    assert {e.call_id for e in decided if e.decision.outcome == "deny"} == {
-        "s3", "s4", "a2", "b2"}
-    completed = {e.call_id for e in env.sink.events if e.event_type == "tool_call.completed"}
-    assert completed == {e.call_id for e in allowed}
-    by_call = {e.call_id: e for e in decided}
-    assert by_call["a1"].agent_id == by_call["b1"].agent_id == "refund-bot"
-    assert by_call["s6"].agent_id == "support-agent"
+    assert result.final_output == "Refunded 50 USD; the rest was refused."
+    assert backend.executions == [("create_refund", REFUND_50)]
+    seen = model.outputs()
+    assert seen["c1"] == "refund of 50 USD to acct-42 created"
+    for call_id, tool in (("c2", "create_refund"), ("c3", "delete_account")):
+        assert seen[call_id].startswith(
+            f"The call to `{tool}` was refused by the access layer and was not run.")
+    found = decided(env)
+    assert {k: e.decision.outcome for k, e in found.items()} == {
+        "c1": "allow", "c2": "deny", "c3": "deny"}
+    assert found["c3"].decision.reasons[0].code == "registry.tool_unregistered"
+    for event in found.values():
+        assert event.framework == "openai_agents"
+        assert "Refunding 50 USD to acct-42." in event.reasoning.message
+        assert "(reasoning) Alice was double charged" in event.reasoning.message
+        assert event.reasoning.response_id and event.reasoning.model == "scripted-model"
+    usage = events(env, "model.usage")
+    assert usage and usage[0].usage["input_tokens"] == INPUT_TOKENS
+    assert usage[0].usage["output_tokens"] == OUTPUT_TOKENS
+
+
+def test_output_is_screened_before_the_model_sees_it(env: Env, backend: Backend) -> None:
+    model = Scripted([call("read_ticket", "r1", ticket_id="T-1042")], [say("read")])
+    execute("run", support_agent(env, model, backend), REQUEST,
+            context=IAMRunContext(env.refund_token()))
+    seen = model.outputs()["r1"]
+    assert "hunter2" not in seen and "[REDACTED" in seen
+    assert backend.executions == [("read_ticket", {"ticket_id": "T-1042"})]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tool_that_raises_is_charged_as_an_error(env: Env, backend: Backend,
+                                                   mode: Mode) -> None:
+    @function_tool
+    def create_refund(amount: int, currency: str, account: str) -> str:
+        """Refund an amount to a customer account (the payment service is down)."""
+        backend.record("create_refund", amount=amount, currency=currency, account=account)
+        raise RuntimeError("payment service unavailable")
+
+    model = Scripted([call("create_refund", "x1", **REFUND_50)], [say("it failed")])
+    agent = protect(Agent(name="support-agent", model=model, tools=[create_refund]),
+                    env.guard, broker=env.broker)
+
+    result = execute(mode, agent, REQUEST, context=IAMRunContext(env.refund_token()))
+
+    assert result.final_output == "it failed"
+    assert backend.names() == ["create_refund"]  # it ran (and may have had its effect)
+    completed = events(env, "tool_call.completed")
+    assert [e.result.outcome for e in completed] == ["error"]
+    # the SDK's failure handler still answers the model (its default text, no internals)
+    assert model.outputs()["x1"].startswith("An error occurred while running the tool")
+
+
+def test_a_run_without_any_identity_is_decided_and_recorded(env: Env,
+                                                            backend: Backend) -> None:
+    model = Scripted([call("create_refund", "n1", **REFUND_50)], [say("refused")])
+    execute("run", support_agent(env, model, backend), REQUEST)  # no context, nothing bound
+
+    assert backend.executions == []
+    event = decided(env)["n1"]
+    assert event.decision.outcome == "deny"
+    assert event.decision.reasons[0].code.startswith("token")
+    assert "carries no execution identity" in model.outputs()["n1"]
+
+
+@pytest.mark.parametrize("token", ["", "not-a-token"])
+def test_an_invalid_token_runs_nothing(env: Env, backend: Backend, token: str) -> None:
+    model = Scripted([call("create_refund", "v1", **REFUND_50)], [say("refused")])
+    execute("run", support_agent(env, model, backend), REQUEST, context=IAMRunContext(token))
+    assert backend.executions == []
+    assert decided(env)["v1"].decision.outcome == "deny"
+
+
+def test_the_bound_token_is_used_without_a_context(env: Env, backend: Backend) -> None:
+    model = Scripted([call("create_refund", "b1", **REFUND_50)], [say("done")])
+    agent = support_agent(env, model, backend)
+    with bind(env.refund_token()):
+        execute("run", agent, REQUEST)
+    assert backend.executions == [("create_refund", REFUND_50)]
+    assert decided(env)["b1"].decision.outcome == "allow"
+
+
+def test_an_application_context_with_aiam_token(env: Env, backend: Backend) -> None:
+    @dataclass
+    class AppContext:
+        aiam_token: Any
+        tenant: str
+
+    model = Scripted([call("create_refund", "a1", **REFUND_50)], [say("done")])
+    execute("run", support_agent(env, model, backend), REQUEST,
+            context=AppContext(env.refund_token(), "acme"))
+    assert backend.executions == [("create_refund", REFUND_50)]
+
+
+def test_the_run_context_wins_over_the_bound_token(env: Env, backend: Backend) -> None:
+    narrow = env.refund_token(max_amount=10)
+    model = Scripted([call("create_refund", "w1", **REFUND_50)], [say("done")])
+    with bind(env.refund_token(max_amount=100)):
+        execute("run", support_agent(env, model, backend), REQUEST,
+                context=IAMRunContext(narrow))
+    assert backend.executions == []
+    assert decided(env)["w1"].decision.reasons[0].code.startswith("capability")
+
+
+def test_the_execution_ends_with_the_run_unless_opted_out(env: Env, backend: Backend) -> None:
+    kept, ended = env.refund_token(), env.refund_token()
+    for token, end in ((kept, False), (ended, True)):
+        model = Scripted([call("create_refund", f"e{int(end)}", **REFUND_50)], [say("done")])
+        execute("run", support_agent(env, model, backend), REQUEST,
+                context=IAMRunContext(token, end_on_finish=end))
+    key = {t.token: env.guard.verifier.verify(t.token, check_revocation=False).key
+           for t in (kept, ended)}
+    revoked = env.store.revoked(list(key.values()))
+    assert key[ended.token] in revoked and key[kept.token] not in revoked
+
+
+def test_a_call_refused_by_the_users_own_guardrail_is_cancelled(env: Env,
+                                                                backend: Backend) -> None:
+    from agents import ToolGuardrailFunctionOutput, tool_input_guardrail
+
+    @tool_input_guardrail
+    def no_refunds_today(data: Any) -> ToolGuardrailFunctionOutput:
+        return ToolGuardrailFunctionOutput.reject_content("no refunds today")
+
+    tools = support_tools(backend)
+    for tool in tools:
+        tool.tool_input_guardrails = [no_refunds_today]
+    model = Scripted([call("create_refund", "g1", **REFUND_50)], [say("ok")])
+    agent = protect(Agent(name="support-agent", model=model, tools=tools), env.guard,
+                    broker=env.broker)
+
+    execute("run", agent, REQUEST, context=IAMRunContext(env.refund_token()))
+
+    assert backend.executions == []
+    assert model.outputs()["g1"] == "no refunds today"
+    # the Guard allowed it, the tool never started: cancelled (budget and call id given back)
+    assert decided(env)["g1"].decision.outcome == "allow"
+    assert [e.result.outcome for e in events(env, "tool_call.completed")] == ["cancelled"]

@@ -1,0 +1,137 @@
+"""Approvals through the SDK's own pause: ``result.interruptions`` → approve / reject →
+``Runner.run(agent, state)``. Only the approved call runs, once; its sibling calls keep their
+outcome; an SDK approval counts for the exact call the run paused on and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from agents import Agent, Runner
+
+from agentic_iam.integrations.openai_agents import IAMRunContext, approve, protect, reject
+from tests.conftest import Env
+from tests.integrations.openai_agents.conftest import (
+    REQUEST,
+    Backend,
+    Scripted,
+    call,
+    decided,
+    events,
+    execute,
+    say,
+    support_tools,
+)
+
+REFUND_150 = {"amount": 150, "currency": "USD", "account": "acct-42"}
+REFUND_20 = {"amount": 20, "currency": "USD", "account": "acct-42"}
+
+
+def paused_run(env: Env, backend: Backend, *, approver: str | None = None,
+               mode: str = "run") -> tuple[Agent[Any], Any, Scripted]:
+    """Turn 1: a refund over 100 (needs a human) next to an allowed one; turn 2: done."""
+    model = Scripted([say("Refunding 150 and 20."), call("create_refund", "p1", **REFUND_150),
+                      call("create_refund", "p2", **REFUND_20)],
+                     [say("Both refunds are done.")])
+    agent = protect(Agent(name="support-agent", model=model, tools=support_tools(backend)),
+                    env.guard, broker=env.broker, approver=approver)
+    result = execute(mode, agent, REQUEST,  # type: ignore[arg-type]
+                     context=IAMRunContext(env.refund_token(max_amount=200)))
+    return agent, result, model
+
+
+def resume(agent: Agent[Any], state: Any) -> Any:
+    return asyncio.run(Runner.run(agent, state))
+
+
+@pytest.mark.parametrize("mode", ["run", "streamed"])
+def test_approval_pauses_and_the_approved_call_runs_once(env: Env, backend: Backend,
+                                                         mode: str) -> None:
+    agent, result, model = paused_run(env, backend, mode=mode)
+    # paused: the allowed sibling ran, the refund over 100 did not
+    assert backend.executions == [("create_refund", REFUND_20)]
+    (item,) = result.interruptions
+    assert item.raw_item.call_id == "p1"
+    assert decided(env)["p1"].decision.outcome == "approval_required"
+
+    state = result.to_state()
+    approve(state, item, approver="bob")
+    final = resume(agent, state)
+
+    assert final.final_output == "Both refunds are done."
+    assert backend.executions == [("create_refund", REFUND_20), ("create_refund", REFUND_150)]
+    granted = events(env, "approval.granted")
+    assert len(granted) == 1
+    assert decided(env)["p1"].decision.outcome == "allow"
+    assert model.all_outputs()["p1"] == "refund of 150 USD to acct-42 created"
+
+
+def test_resuming_the_same_state_twice_runs_nothing_twice(env: Env, backend: Backend) -> None:
+    agent, result, _ = paused_run(env, backend)
+    (item,) = result.interruptions
+    state = result.to_state()
+    approve(state, item, approver="bob")
+    assert resume(agent, state).final_output == "Both refunds are done."
+    assert resume(agent, state).final_output == "Both refunds are done."  # a replayed resume
+    assert backend.executions.count(("create_refund", REFUND_150)) == 1
+    assert backend.executions.count(("create_refund", REFUND_20)) == 1
+
+
+def test_a_rejection_is_recorded_and_nothing_runs(env: Env, backend: Backend) -> None:
+    agent, result, model = paused_run(env, backend)
+    (item,) = result.interruptions
+    state = result.to_state()
+    reject(state, item, approver="bob", message="Not without the manager.")
+    final = resume(agent, state)
+
+    assert final.final_output == "Both refunds are done."
+    assert backend.executions == [("create_refund", REFUND_20)]
+    assert len(events(env, "approval.denied")) == 1
+    assert model.all_outputs()["p1"] == "Not without the manager."
+
+
+def test_plain_state_approve_names_nobody_and_is_refused(env: Env, backend: Backend) -> None:
+    agent, result, model = paused_run(env, backend)  # no approver configured for protect()
+    (item,) = result.interruptions
+    state = result.to_state()
+    state.approve(item)
+    resume(agent, state)
+
+    assert backend.executions == [("create_refund", REFUND_20)]
+    assert events(env, "approval.granted") == []
+    assert "was not run" in model.all_outputs()["p1"]
+
+
+def test_plain_state_approve_counts_as_the_configured_approver(env: Env,
+                                                               backend: Backend) -> None:
+    agent, result, _ = paused_run(env, backend, approver="bob")
+    (item,) = result.interruptions
+    state = result.to_state()
+    state.approve(item)
+    resume(agent, state)
+    assert backend.executions == [("create_refund", REFUND_20), ("create_refund", REFUND_150)]
+    assert len(events(env, "approval.granted")) == 1
+
+
+def test_always_approve_does_not_approve_later_calls(env: Env, backend: Backend) -> None:
+    model = Scripted([call("create_refund", "q1", **REFUND_150)],
+                     [call("create_refund", "q2", amount=160, currency="USD",
+                           account="acct-42")],
+                     [say("done")])
+    agent = protect(Agent(name="support-agent", model=model, tools=support_tools(backend)),
+                    env.guard, broker=env.broker, approver="bob")
+    result = execute("run", agent, REQUEST,
+                     context=IAMRunContext(env.refund_token(max_amount=200)))
+    (item,) = result.interruptions
+    state = result.to_state()
+    state.approve(item, always_approve=True)  # sticky in the SDK: every later create_refund
+    final = resume(agent, state)
+
+    # q1 was approved by a human and ran; q2 (160) was never shown to one: refused, pending
+    assert backend.executions == [("create_refund", REFUND_150)]
+    assert final.final_output == "done"
+    assert "needs a human's approval" in model.all_outputs()["q2"]
+    assert decided(env)["q2"].decision.outcome == "approval_required"
+    assert len(events(env, "approval.granted")) == 1
+    assert len(env.guard.approvals.pending()) == 1
