@@ -1,20 +1,16 @@
 import asyncio
+import tempfile
 
 from agents import Agent, ModelResponse, Runner, Usage, function_tool
 from agents.models.interface import Model
 from agents.tracing import set_tracing_disabled
-from openai.types.responses import ResponseFunctionToolCall
+from openai.types.responses import (ResponseFunctionToolCall, ResponseOutputMessage,
+                                    ResponseOutputText)
 
-from agentic_iam import (AgentRegistry, CedarEngine, DelegationBroker, Guard, Human, KeySet,
-                         default_policies_dir, default_registry_path)
-from agentic_iam.integrations.openai_agents import IAMRunContext, IAMRunHooks, protect
+import agentic_iam
 
-registry = AgentRegistry.from_yaml(default_registry_path())
-broker = DelegationBroker(registry, KeySet.generate("https://broker.example.com"),
-                          audience="my-app")
-guard = Guard.from_broker(broker, CedarEngine.from_directory(default_policies_dir(), registry))
-token = broker.delegate(Human("alice@example.com"), "support-agent", "refund T-1042",
-                        ["refund:create amount<=100"], ttl=900)
+folder = tempfile.mkdtemp()
+agentic_iam.init_project(folder)     # what `aiam init DIR` writes: registry, policies, keys
 
 
 @function_tool
@@ -23,10 +19,17 @@ def create_refund(amount: int, currency: str, account: str) -> str:
     return f"refunded {amount} {currency} to {account}"
 
 
+def refund(amount: int) -> ResponseFunctionToolCall:
+    return ResponseFunctionToolCall(type="function_call", call_id=f"c{amount}",
+                                    name="create_refund", arguments=f'{{"amount": {amount}, '
+                                    '"currency": "USD", "account": "ACC-1001"}')
+
+
 class ScriptedModel(Model):                          # stands in for OpenAIResponsesModel
-    turns = [[ResponseFunctionToolCall(type="function_call", call_id="c1", name="create_refund",
-                                       arguments='{"amount": 500, "currency": "USD", '
-                                                 '"account": "ACC-1001"}')], []]
+    turns = [[refund(50), refund(500)], [ResponseOutputMessage(
+        id="m1", type="message", role="assistant", status="completed", content=[
+            ResponseOutputText(type="output_text", annotations=[],
+                               text="Refunded 50 USD; 500 was over my limit.")])]]
 
     async def get_response(self, *args, **kwargs):
         return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)
@@ -36,8 +39,16 @@ class ScriptedModel(Model):                          # stands in for OpenAIRespo
 
 
 set_tracing_disabled(True)                            # offline: no trace export
-agent = protect(Agent(name="support-agent", model=ScriptedModel(), tools=[create_refund]),
-                guard, broker=broker)
-result = asyncio.run(Runner.run(agent, "Refund 500 USD to ACC-1001", hooks=IAMRunHooks(guard),
-                                context=IAMRunContext(token.token)))
-print(result.new_items[-1].output)   # the refusal the model read; the tool never ran
+agent = Agent(name="support-agent", model=ScriptedModel(), tools=[create_refund])
+
+iam = agentic_iam.load(folder)
+agent = iam.protect(agent, agent_id="support-agent")    # every tool call now passes the Guard
+
+# Alice delegates one task: refunds up to 100; the execution ends with the block.
+with iam.delegate("alice@example.com", "refund T-1042", ["refund:create amount<=100"]):
+    result = asyncio.run(Runner.run(agent, "Refund 50 USD, then 500 USD, to ACC-1001"))
+for item in result.new_items:
+    if item.type == "tool_call_output_item":
+        print(item.output)
+# refunded 50 USD to ACC-1001
+# The call to `create_refund` was refused by the access layer and was not run. Reason: ...
