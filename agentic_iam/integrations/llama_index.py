@@ -335,9 +335,8 @@ async def _finish(guard: Guard, ctx: Context, reason: str) -> None:
     run = await _load(ctx)
     for token in run.minted:
         _end(guard, token, reason)
-    keep = run.root is not None and run.root not in run.minted and not run.nested and (
-        not run.end_on_finish)
-    if run.root is not None and not keep and run.root not in run.minted:
+    keep = run.root is not None and run.root not in run.minted and not run.end_on_finish
+    if run.root is not None and run.root not in run.minted and run.end_on_finish:
         _end(guard, run.root, reason)
     # The next run of this Context re-resolves its identity (an opted-out root stays bound).
     await ctx.store.set(_STORE_KEY, asdict(replace(run, agents={}, minted=(),
@@ -556,8 +555,11 @@ class _Guarded:
         if found is None:
             return
         token, want = _raw(found), self._aiam_id(self._aiam_root())
+        # Started by a tool of a protected run: its input was written by a model, nobody answers
+        # its approvals, and the token it found is the caller's to end.
+        inside = _MINTED.get() is not None
         run = replace(run, root=token) if run.bound else _Run(
-            root=token, end_on_finish=s.end_on_finish)
+            root=token, nested=inside, end_on_finish=s.end_on_finish and not inside)
         try:
             owner = s.guard.verifier.verify(token, check_revocation=False).agent_id
         except TokenError:

@@ -152,3 +152,27 @@ async def test_a_stock_sub_agent_inside_a_guarded_tool_is_refused(
     await drive(await run_with_identity(support, REQUEST, parent_token(env)))
     assert backend.executed("create_refund") == []
     assert "outside a Guard mediation" in sub_llm.tool_results(1)["s20"]
+
+
+async def test_a_sub_run_under_the_callers_own_identity_does_not_end_it(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    """A helper of the same registry agent runs under the caller's token (nothing to narrow);
+    its end is not the caller's: the caller's later calls still run."""
+    helper = protect(FunctionAgent(
+        name="helper", description="Refunds.", tools=[tools["create_refund"]],
+        llm=scripted(ai("Refunding 20.", call("create_refund", "h20", amount=20, currency="USD",
+                                              account="acct-alice")), ai("Refunded."))),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    llm = scripted(ai("Delegating.", call("ask_refund_bot", "p1", task="refund 20")),
+                   ai("And 10 myself.", call("create_refund", "p10", amount=10, currency="USD",
+                                             account="acct-alice")), ai("Done."))
+    support = protect(FunctionAgent(name="support", description="Support", llm=llm,
+                                    tools=[ask_tool(helper, backend), tools["create_refund"]]),
+                      env.guard, broker=env.broker, agent_id="support-agent")
+    token = parent_token(env)
+    await drive(await run_with_identity(support, REQUEST, token))
+    assert [c["amount"] for c in backend.executed("create_refund")] == [20, 10]
+    assert decided(env, "h20").execution_id == token.identity.execution_id
+    assert not [e for e in env.sink.events if e.event_type == "delegation.subdelegated"]
+    ended = [e.agent_id for e in env.sink.events if e.event_type == "execution.ended"]
+    assert ended == ["support-agent"]  # once, when the caller's run finished
