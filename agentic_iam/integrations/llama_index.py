@@ -199,12 +199,14 @@ _INTERNAL = frozenset({"llama_index.core.agent.workflow.multi_agent_workflow",
 _SENTINEL = threading.Lock()
 
 
-def _check_mediated(tool: FunctionTool) -> None:
-    """Raise if ``tool`` runs while an execution token is bound but no mediation runs it."""
+def _check_mediated(tool: FunctionTool, kwargs: Mapping[str, Any]) -> None:
+    """Raise if ``tool`` runs while an execution token is bound but no mediation runs it with
+    these arguments (a stock agent started inside a mediated tool inherits its decision)."""
     if current_token() is None or getattr(tool._real_fn, "__module__", None) in _INTERNAL:
         return
     decision = current_decision()
-    if decision is not None and decision.tool == tool.metadata.name:
+    arguments = {k: v for k, v in kwargs.items() if k != tool.ctx_param_name}
+    if decision and decision.tool == tool.metadata.name and decision.arguments == arguments:
         return
     name = tool.metadata.name
     log.error("tool `%s` ran outside a Guard mediation while an execution identity is bound; "
@@ -227,11 +229,11 @@ def _install_sentinel() -> None:
         call, acall = FunctionTool.call, FunctionTool.acall
 
         def checked_call(self: FunctionTool, *args: Any, **kwargs: Any) -> ToolOutput:
-            _check_mediated(self)
+            _check_mediated(self, kwargs)
             return call(self, *args, **kwargs)
 
         async def checked_acall(self: FunctionTool, *args: Any, **kwargs: Any) -> ToolOutput:
-            _check_mediated(self)
+            _check_mediated(self, kwargs)
             return await acall(self, *args, **kwargs)
 
         for fn in (checked_call, checked_acall):

@@ -6,6 +6,7 @@ to take a step. Without a bound token, LlamaIndex behaves as it always did."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
@@ -13,6 +14,7 @@ from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel
 
 from agentic_iam.core.binding import bind
+from agentic_iam.core.decision import ToolCall
 from agentic_iam.errors import ConfigurationError
 from agentic_iam.integrations.llama_index import protect
 from tests.conftest import Env
@@ -104,3 +106,20 @@ async def test_the_frameworks_own_tools_are_not_user_tools(
         result = await agent.run(user_msg=REQUEST)
     assert backend.executed("create_refund") == [REFUND]
     assert result.structured_response == {"refund_id": "R-1"}
+
+
+async def test_a_mediated_call_lends_nothing_to_other_arguments(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    """Inside the mediation of `create_refund(50)`, the same tool with other arguments (say, a
+    stock agent started by the tool) is refused: the decision covers one exact call."""
+    refund, token = tools["create_refund"], env.refund_token()
+
+    async def run(arguments: dict[str, Any]) -> Any:
+        with pytest.raises(ConfigurationError, match="outside a Guard mediation"):
+            await refund.acall(amount=5000, currency="USD", account="acct-evil")
+        return await refund.acall(**arguments)
+
+    with bind(token):
+        done = await env.guard.amediate(token, ToolCall("create_refund", REFUND, "m1"), run)
+    assert done.status == "ran"
+    assert backend.executed("create_refund") == [REFUND]
