@@ -3,8 +3,9 @@
 Run ``python -m benchmarks.bench_langchain``. The bare row is what LangGraph's ``ToolNode`` does
 for a call: ``tool.invoke(ToolCall)`` -> ``ToolMessage``. The guarded rows add the whole Guard
 pipeline (token check, registry, capability, store admission, Cedar, audit record, output
-screening, settlement) through the two adapter paths: ``GuardMiddleware.wrap_tool_call`` (what
-``create_agent`` and ``guarded_tool_node`` run) and a ``guard_tools`` wrapper. A "guard only"
+screening, settlement, all in ``Guard.mediate``) through the two adapter paths:
+``GuardMiddleware.wrap_tool_call`` (the same wrapper ``protect`` and ``guarded_tool_node`` put
+on a ``ToolNode``) and a ``guard_tools`` wrapper. A "guard only"
 row times the same Guard calls without the framework, for reference. Samples are interleaved in
 blocks so that drift on a shared machine hits every row alike; read the ratios, not the
 absolute numbers. This module must never touch the network or write outside memory.
@@ -41,6 +42,7 @@ from agentic_iam import (
     ToolCall,
 )
 from agentic_iam._resources import default_policies_dir, default_registry_path
+from agentic_iam.core.mediation import Mediated
 from agentic_iam.integrations.langchain import GuardMiddleware, IAMContext, guard_tools
 
 __all__ = ["run"]
@@ -84,17 +86,19 @@ class _CountingSink:
 class _NoopGuard:
     """Allows everything at no cost: isolates what the adapter itself adds to a call."""
 
-    def authorize(self, token: object, call: ToolCall) -> Decision:
-        return Decision("allow", (), call.call_id or "", call.name, "kb:search", "exec_bench",
-                        arguments=dict(call.arguments))
+    def mediate(self, token: object, call: ToolCall, run: Callable[[dict[str, Any]], Any], *,
+                screen: Callable[..., Any] | None = None, **_: Any) -> Mediated[Any]:
+        decision = Decision("allow", (), call.call_id or "", call.name, "kb:search",
+                            "exec_bench", arguments=dict(call.arguments))
+        output = run(dict(decision.arguments))
+        value = screen(output, self._screen) if screen is not None else self._screen(output).text
+        return Mediated(decision, "ran", value)
 
-    def screen(self, decision: Decision, output: object) -> Screened:
+    @staticmethod
+    def _screen(output: object) -> Screened:
         text = str(output)
         return Screened(text, ScreenResult(text=text, findings=(), risk=0, labels=frozenset(),
                                            blocked=False, redactions=()))
-
-    def complete(self, decision: Decision, outcome: str = "success") -> None:
-        return None
 
 
 def _registry() -> AgentRegistry:
