@@ -39,6 +39,7 @@ from agentic_iam.integrations.langchain import (
     IAMContext,
     guarded_tool_node,
     protect,
+    subagent_tool,
 )
 from tests.conftest import APPROVERS, AUDIENCE, Env
 from tests.integrations.langchain.conftest import (
@@ -296,6 +297,37 @@ def test_without_a_broker_the_child_refuses_the_parents_token(
     refused = decided(env, "c-refund")
     assert refused.decision is not None
     assert refused.decision.reasons[0].code == "identity.agent_mismatch"
+
+
+def test_agent_as_tool_with_a_protected_child(denv: Env, backend: Backend,
+                                              tools: dict[str, BaseTool]) -> None:
+    """subagent_tool mints the narrower identity; the protected child runs under it (no second
+    mint) and it ends once, with the child's run."""
+    env = denv
+    child = protect(create_agent(
+        scripted(ai("Refunding 80.", call("create_refund", "c-80", amount=80, currency="USD",
+                                          account="acct-1")), ai("child done")),
+        tools=[tools["create_refund"]], context_schema=IAMContext),
+        env.guard, broker=env.broker, agent_id="refund-bot")
+    ask = subagent_tool(child, name="ask_refund_bot", description="d", broker=env.broker,
+                        agent_id="refund-bot", capabilities=["refund:create amount<=20"],
+                        build_input=lambda task: (backend.record("ask_refund_bot", task=task),
+                                                  {"messages": [HumanMessage(task)]})[1])
+    parent = protect(create_agent(
+        scripted(ai("Delegating.", call("ask_refund_bot", "p-ask", task="Refund 80")),
+                 ai("done")), tools=[ask], context_schema=IAMContext),
+        env.guard, broker=env.broker, agent_id="support-agent")
+    token = parent_token(env)
+    parent.invoke(REQUEST_TEXT, context=IAMContext(token.token))
+    refused = decided(env, "c-80")
+    assert refused.agent_id == "refund-bot" and refused.decision is not None
+    assert refused.decision.reasons[0].code.startswith("capability")  # the child's 20, not 100
+    assert backend.executed("create_refund") == []
+    minted = [e for e in env.sink.events if e.event_type == "delegation.subdelegated"]
+    assert len(minted) == 1
+    ended = [e.execution_id for e in env.sink.events if e.event_type == "execution.ended"]
+    assert ended.count(refused.execution_id) == 1
+    assert token.identity.execution_id in ended  # the parent's run ended too
 
 
 def test_a_child_the_broker_will_not_mint_runs_nothing(denv: Env, backend: Backend) -> None:
