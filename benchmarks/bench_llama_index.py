@@ -2,9 +2,11 @@
 
 Run ``python -m benchmarks.bench_llama_index``. The bare rows are ``FunctionTool.call`` and
 ``FunctionTool.acall`` (what ``llm.predict_and_call`` and the workflow agents' ``_call_tool``
-do for a call). The guarded rows run the same tool through :func:`guard_tools`: the whole Guard
-pipeline (token check, registry, capability, store admission, Cedar, audit record, output
-screening, settlement) plus the adapter's own work (argument split, ToolOutput rebuild). The
+do for a call), including the adapter's check that refuses a tool run outside a mediation while
+an identity is bound (installed by :func:`guard_tools`; no identity is bound here). The guarded
+rows run the same tool through :func:`guard_tools`: ``Guard.mediate`` (token check, registry,
+capability, store admission, Cedar, audit record, output screening, settlement) plus the
+adapter's own work (ToolCall and ToolOutput translation). The
 "Guard by hand" row wraps the same tool in the same Guard calls without the adapter, so the
 difference between the two is the adapter's own cost; "guard only" times the Guard calls
 without any tool. Samples are
