@@ -2,15 +2,15 @@
 
 Run ``python -m benchmarks.bench_openai_agents``. The bare row is what the SDK does to execute a
 function tool: ``await tool.on_invoke_tool(ToolContext, arguments_json)`` (an async tool, so no
-thread hop hides the cost). The guarded row runs, for the same call, every step the adapter
-adds around it in the order the SDK runs them: ``needs_approval`` (where the Guard decides),
-the tool input guardrail, the wrapped ``on_invoke_tool`` (which runs the tool with the checked
-copy of the arguments) and the tool output guardrail (screen + settle). A "guard only" row
-times the same Guard calls without the SDK. Two more rows time a whole ``Runner.run`` (two
-scripted model turns, one tool call) on a bare and on a protected agent, to put the per-call
-cost next to the SDK's own per-run cost. Samples are interleaved in blocks so that drift on a
-shared machine hits every row alike; read the ratios, not the absolute numbers. No network, no
-API key, nothing written outside memory; tracing is disabled.
+thread hop hides the cost). The guarded row runs, for the same call, the two steps of the tool
+the protected agent hands the SDK (``agent.get_all_tools``), in the order the SDK runs them:
+``needs_approval`` (where ``Guard.amediate`` starts and decides) and ``on_invoke_tool`` (which
+runs the tool with the checked copy of the arguments, screens the output and settles the call).
+A "guard only" row times the same Guard calls without the SDK. Two more rows time a whole
+``Runner.run`` (two scripted model turns, one tool call) on a bare and on a protected agent, to put
+the per-call cost next to the SDK's own per-run cost. Samples are interleaved in blocks so that
+drift on a shared machine hits every row alike; read the ratios, not the absolute numbers. No
+network, no API key, nothing written outside memory; tracing is disabled.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import yaml
-from agents import Agent, FunctionTool, ModelResponse, Runner, Usage, function_tool
+from agents import (
+    Agent,
+    FunctionTool,
+    ModelResponse,
+    RunContextWrapper,
+    Runner,
+    Usage,
+    function_tool,
+)
 from agents.models.interface import Model
 from agents.tool_context import ToolContext
-from agents.tool_guardrails import ToolInputGuardrailData, ToolOutputGuardrailData
 from agents.tracing import set_tracing_disabled
 from openai.types.responses import (
     ResponseFunctionToolCall,
@@ -124,34 +131,33 @@ class _OneCall(Model):
 Case = Callable[[int], Awaitable[Any]]
 
 
-def _cases() -> tuple[dict[str, Case], dict[str, Case]]:
+async def _cases() -> tuple[dict[str, Case], dict[str, Case]]:
     guard, token = _guard()
-    bare_tool, guarded_tool = _tool(), _tool()
-    agent: Agent[Any] = Agent(name="support-agent", tools=[guarded_tool])
-    protect(agent, guard)
-    context = IAMRunContext(token)
+    bare_tool = _tool()
+    agent: Agent[Any] = protect(Agent(name="support-agent", tools=[_tool()]), guard,
+                                agent_id="support-agent")
+    run_context = RunContextWrapper(IAMRunContext(token, end_on_finish=False))
+    (guarded_tool,) = await agent.get_all_tools(run_context)  # what the SDK runs
     needs = guarded_tool.needs_approval
     assert callable(needs)
-    (authorize,) = guarded_tool.tool_input_guardrails or []
-    (screen,) = guarded_tool.tool_output_guardrails or []
 
-    def tool_context(app_context: Any, i: int) -> ToolContext[Any]:
-        return ToolContext(app_context, tool_name="search_kb", tool_call_id=f"c{i}",
-                           tool_arguments=ARGUMENTS)
+    def tool_context(i: int) -> ToolContext[Any]:
+        return ToolContext.from_agent_context(run_context, f"c{i}", tool_name="search_kb",
+                                              tool_arguments=ARGUMENTS, agent=agent)
 
     async def bare(i: int) -> Any:
-        return await bare_tool.on_invoke_tool(tool_context(None, i), ARGUMENTS)
+        return await bare_tool.on_invoke_tool(
+            ToolContext(None, tool_name="search_kb", tool_call_id=f"c{i}",
+                        tool_arguments=ARGUMENTS), ARGUMENTS)
 
     async def guarded(i: int) -> Any:
-        ctx = tool_context(context, i)
-        if await needs(ctx, {"query": "double charge"}, ctx.tool_call_id):
+        ctx = tool_context(i)
+        if await needs(run_context, {"query": "double charge"}, ctx.tool_call_id):
             raise RuntimeError("the benchmark call needs approval")
-        verdict = await authorize.run(ToolInputGuardrailData(context=ctx, agent=agent))
-        if verdict.behavior["type"] != "allow":
-            raise RuntimeError(f"the benchmark call was refused: {verdict.behavior}")
         output = await guarded_tool.on_invoke_tool(ctx, ARGUMENTS)
-        return await screen.run(ToolOutputGuardrailData(context=ctx, agent=agent,
-                                                        output=output))
+        if output != OUTPUT:
+            raise RuntimeError(f"the benchmark call was refused: {output}")
+        return output
 
     async def guard_only(i: int) -> Any:
         decision = guard.authorize(token, ToolCall(
@@ -163,17 +169,18 @@ def _cases() -> tuple[dict[str, Case], dict[str, Case]]:
 
     bare_agent: Agent[Any] = Agent(name="support-agent", model=_OneCall(), tools=[_tool()])
     protected_agent = protect(Agent(name="support-agent", model=_OneCall(), tools=[_tool()]),
-                              guard)
+                              guard, agent_id="support-agent")
 
     async def run_bare(i: int) -> Any:
         return await Runner.run(bare_agent, "search the kb")
 
     async def run_guarded(i: int) -> Any:
-        return await Runner.run(protected_agent, "search the kb", context=IAMRunContext(token))
+        return await Runner.run(protected_agent, "search the kb",
+                                context=IAMRunContext(token, end_on_finish=False))
 
     calls: dict[str, Case] = {
         "bare FunctionTool.on_invoke_tool": bare,
-        "guarded (needs_approval + guardrails + on_invoke_tool)": guarded,
+        "guarded (needs_approval + on_invoke_tool)": guarded,
         "guard only (authorize+screen+complete)": guard_only,
     }
     runs: dict[str, Case] = {
@@ -184,7 +191,7 @@ def _cases() -> tuple[dict[str, Case], dict[str, Case]]:
 
 
 async def _measure() -> list[tuple[str, float]]:
-    calls, runs = _cases()
+    calls, runs = await _cases()
     everything = {**calls, **runs}
     for case in everything.values():
         for i in range(WARMUP // 10 if case in runs.values() else WARMUP):
