@@ -384,7 +384,10 @@ class _Protection:
                                  call_id: str) -> bool:
             flag = own(ctx, params, call_id) if callable(own) else own
             if await flag if inspect.isawaitable(flag) else flag:
-                return True  # the tool's own rule; the Guard decides when it runs
+                # The tool's own rule pauses the run: a human sees this call (its answer also
+                # counts for the Guard's approval); the Guard decides when it runs.
+                _keep(_PAUSED, call_id, (self.guard, None))
+                return True
             return await self.begin(ctx, tool.name, call_id, params, agent_id)
 
         return needs_approval
@@ -476,7 +479,7 @@ class _Protection:
     def answer(self, call_id: str) -> Callable[[dict[str, Any]], ApprovalAnswer]:
         def ask(payload: dict[str, Any]) -> ApprovalAnswer:
             paused = _PAUSED.get(call_id)
-            if paused is None or paused[1] != payload.get("approval_id"):
+            if paused is None or paused[1] not in (None, payload.get("approval_id")):
                 raise _Pause(payload.get("approval_id"))  # no human saw this exact call
             del _PAUSED[call_id]
             return _ANSWERS.pop(call_id, None) or ApprovalAnswer(True, self.approver or "human")
@@ -596,8 +599,8 @@ class _Protection:
         """The user's request, for argument provenance (the Guard ignores it for a child)."""
         self.expire_all(ctx)
         state = self.run_of(ctx)
-        if state.observed or isinstance(ctx, ToolContext):
-            return  # once per run; an ``as_tool`` input was written by a model
+        if state.observed or isinstance(ctx, ToolContext) or _SCOPE.get() is not None:
+            return  # once per run; a sub-run's input (as_tool, inside a tool) is model-written
         state.observed = True
         token = self.token_for(ctx, self.registry_id(agent))
         if token is None:
@@ -663,7 +666,7 @@ def reject(state: RunState[Any], item: ToolApprovalItem, *, approver: str,
            message: str | None = None) -> None:
     """Reject the paused call ``item`` as ``approver``: recorded by the Guard now."""
     paused = _PAUSED.pop(_call_id(item), None)
-    if paused is not None:
+    if paused is not None and paused[1] is not None:
         try:
             paused[0].resolve_approval(paused[1], approved=False, approver=approver)
         except Exception as exc:  # the call stays refused either way

@@ -135,3 +135,24 @@ def test_always_approve_does_not_approve_later_calls(env: Env, backend: Backend)
     assert decided(env)["q2"].decision.outcome == "approval_required"
     assert len(events(env, "approval.granted")) == 1
     assert len(env.guard.approvals.pending()) == 1
+
+
+def test_a_tools_own_approval_is_the_humans_answer_for_the_guard(env: Env,
+                                                                 backend: Backend) -> None:
+    tools = support_tools(backend)
+    for tool in tools:
+        tool.needs_approval = True  # the application asks a human for every call
+    model = Scripted([call("create_refund", "o1", **REFUND_150)], [say("done")])
+    agent = protect(Agent(name="support-agent", model=model, tools=tools), env.guard,
+                    broker=env.broker)
+    result = execute("run", agent, REQUEST,
+                     context=IAMRunContext(env.refund_token(max_amount=200)))
+    (item,) = result.interruptions
+    assert env.guard.stats["allow"] + env.guard.stats["deny"] == 0  # nothing decided yet
+    state = result.to_state()
+    approve(state, item, approver="bob")
+    resume(agent, state)
+
+    # the Guard needed approval too (over 100): the human's answer counted, once
+    assert backend.executions == [("create_refund", REFUND_150)]
+    assert len(events(env, "approval.granted")) == 1
