@@ -96,7 +96,9 @@ SDK's input guardrails and hooks run in between); then it is cancelled, never ru
 _KEPT = 4096
 _SCOPE: ContextVar[tuple[Guard, TokenLike | None] | None] = ContextVar("aiam_oa_scope",
                                                                         default=None)
-_PAUSED: OrderedDict[str, tuple[Guard, str]] = OrderedDict()
+_SUBRUN: ContextVar[list[bool] | None] = ContextVar("aiam_oa_subrun", default=None)
+"""Set by an ``as_tool`` invocation: the sub-run appends to it when it reaches its final output."""
+_PAUSED: OrderedDict[str, tuple[Guard, str | None]] = OrderedDict()
 """call id → (Guard, approval id) of the calls a run paused on (for :func:`reject`)."""
 _ANSWERS: OrderedDict[str, ApprovalAnswer] = OrderedDict()
 """call id → the answer given with :func:`approve`."""
@@ -282,6 +284,7 @@ class _Protection:
     _tools: dict[tuple[int, str], tuple[weakref.ref[FunctionTool], FunctionTool]] = \
         field(default_factory=dict)
     _runs: OrderedDict[int, tuple[object, _Run]] = field(default_factory=OrderedDict)
+    _paused_children: OrderedDict[str, TokenLike] = field(default_factory=OrderedDict)
 
     # -- agents --
 
@@ -490,11 +493,12 @@ class _Protection:
                        ctx: ToolContext[Any], args: dict[str, Any],
                        token: TokenLike | None) -> Any:
         ctx._function_tool_arguments = None  # prepared from the model's string, not ours
-        reset = _SCOPE.set((self.guard, token))
+        reset, unmarked = _SCOPE.set((self.guard, token)), _SUBRUN.set(None)
         try:
             with bind(token) if token is not None else nullcontext():
                 return await run(ctx, json.dumps(args, ensure_ascii=False))
         finally:
+            _SUBRUN.reset(unmarked)
             _SCOPE.reset(reset)
 
     async def mediate(self, ctx: RunContextWrapper[Any], token: TokenLike | None, name: str,
@@ -516,19 +520,28 @@ class _Protection:
         async def invoke(ctx: ToolContext[Any], input_json: str) -> Any:
             target = self.registry_id(sub)
             parent = _context_token(ctx.context) or current_token()
-            try:
-                child = self.child(parent, target)
+            key = f"{_raw(parent) if parent else ''}:{ctx.tool_call_id}"
+            try:  # a sub-run that paused for a human resumes under the same child
+                child = self._paused_children.pop(key, None) or self.child(parent, target)
             except Exception as exc:  # refused: the model reads why
                 return (f"The delegation to `{target}` was refused by the access layer and did "
                         f"not happen. Reason: {str(exc).rstrip('.')}.")
             nested = copy.copy(ctx)
             nested.context = _with_token(ctx.context, child)
+            finished: list[bool] = []
+            reset = _SUBRUN.set(finished)
             try:
                 with bind(child):
                     return await original(nested, input_json)
+            except BaseException:
+                finished.append(True)  # a failed sub-run is over too
+                raise
             finally:
-                if child is not parent:
+                _SUBRUN.reset(reset)
+                if child is not parent and finished:
                     self.end(child)
+                elif child is not parent:
+                    _keep(self._paused_children, key, child)
 
         return invoke
 
@@ -584,6 +597,9 @@ class _Protection:
         """The run produced its final output: its sub-agent identities end (and its own, for an
         :class:`IAMRunContext` that did not opt out)."""
         self.expire_all(ctx)
+        marker = _SUBRUN.get()
+        if marker is not None:
+            marker.append(True)
         state = self.run_of(ctx)
         for child in [c for c in state.children.values() if c is not None]:
             self.end(child)

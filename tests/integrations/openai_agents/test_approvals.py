@@ -156,3 +156,29 @@ def test_a_tools_own_approval_is_the_humans_answer_for_the_guard(env: Env,
     # the Guard needed approval too (over 100): the human's answer counted, once
     assert backend.executions == [("create_refund", REFUND_150)]
     assert len(events(env, "approval.granted")) == 1
+
+
+def test_an_approval_inside_an_as_tool_sub_agent_resumes_under_the_same_child(
+        env: Env, backend: Backend) -> None:
+    sub_model = Scripted([call("create_refund", "s1", **REFUND_150)], [say("refunded 150")])
+    sub = Agent(name="refunds", model=sub_model, tools=support_tools(backend)[:1])
+    parent_model = Scripted([call("refunds", "p1", input="refund 150")], [say("done")])
+    parent = protect(Agent(name="triage", model=parent_model,
+                           tools=[sub.as_tool("refunds", "Executes refunds.")]),
+                     env.guard, broker=env.broker, agent_id="support-agent",
+                     agent_ids={"refunds": "refund-bot"})
+    result = execute("run", parent, REQUEST,
+                     context=IAMRunContext(env.refund_token(max_amount=200)))
+    (item,) = result.interruptions  # the whole run paused for the sub-agent's call
+    assert backend.executions == []
+    state = result.to_state()
+    approve(state, item, approver="bob")
+    final = resume(parent, state)
+
+    assert final.final_output == "done"
+    assert backend.executions == [("create_refund", REFUND_150)]
+    found = decided(env)["s1"]
+    assert found.decision.outcome == "allow" and found.agent_id == "refund-bot"
+    children = {e.execution_id for e in events(env, "delegation.subdelegated")}
+    assert children == {found.execution_id}  # one child, kept across the pause, then ended
+    assert found.execution_id in {e.execution_id for e in events(env, "execution.ended")}
