@@ -35,6 +35,13 @@ What it must never do: run a tool without an ``allow`` decision for that exact c
 arguments other than the checked copy; hand the model unscreened output; let a sub-agent run
 with its parent's identity; put a token in a message or a log line; turn a refusal into a crash.
 
+Known limits: an agent that was never protected and that application code runs itself (say,
+``Runner.run(other_agent)`` inside a tool) is out of reach — the SDK has no global tool hook and
+its tracing processors cannot block — so protect every agent you run. Approvers named with
+:func:`approve` are remembered in this process; a ``RunState`` resumed elsewhere counts as
+``protect(..., approver=...)``. An allowed call waits at most 120 s between ``needs_approval``
+and ``on_invoke_tool`` (the SDK's input guardrails and hooks run in between), then is cancelled.
+
 Private SDK names used (openai-agents 0.24, each checked by the tests): the tool invoker
 ``_FailureHandlingFunctionToolInvoker`` (the guard runs *inside* the SDK's failure handler, so a
 tool that raises is settled as ``error``), ``ToolContext._function_tool_arguments`` (arguments
