@@ -37,9 +37,10 @@ with its parent's identity; put a token in a message or a log line; turn a refus
 
 Known limits: an agent that was never protected and that application code runs itself (say,
 ``Runner.run(other_agent)`` inside a tool) is out of reach — the SDK has no global tool hook and
-its tracing processors cannot block — so protect every agent you run. Approvers named with
-:func:`approve` are remembered in this process; a ``RunState`` resumed elsewhere counts as
-``protect(..., approver=...)``. An allowed call waits at most 120 s between ``needs_approval``
+its tracing processors cannot block — so protect every agent you run. Which call a run paused
+on, and who answered it, is kept in this process: a ``RunState`` resumed in another process gets
+the approval message for that call, whose request stays pending (``aiam approvals approve``, then
+the model's retry runs). An allowed call waits at most 120 s between ``needs_approval``
 and ``on_invoke_tool`` (the SDK's input guardrails and hooks run in between), then is cancelled.
 
 Private SDK names used (openai-agents 0.24, each checked by the tests): the tool invoker
