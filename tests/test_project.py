@@ -594,3 +594,53 @@ def test_two_line_start_guards_a_langchain_agent(folder: Path) -> None:
     assert decisions == {"c1": "allow", "c2": "deny", "c3": "deny"}
     assert [e["execution_id"] for e in recorded if e["event_type"] == "execution.ended"] == [
         token.identity.execution_id]
+
+
+async def test_two_line_start_guards_an_openai_agents_agent(folder: Path) -> None:
+    """The same with an existing Agents SDK agent, a tool appended after protect() included."""
+    from agents import Agent, Runner, function_tool
+    from agents.tracing import set_tracing_disabled
+
+    from tests.integrations.openai_agents.conftest import Scripted, call, say
+
+    set_tracing_disabled(True)  # never export to OpenAI from the tests (as its conftest does)
+
+    ran: list[tuple[str, dict[str, Any]]] = []
+
+    @function_tool
+    def create_refund(amount: int, currency: str, account: str) -> str:
+        """Refund an amount to an account."""
+        ran.append(("create_refund", {"amount": amount, "currency": currency,
+                                      "account": account}))
+        return f"refunded {amount} {currency} to {account}"
+
+    @function_tool
+    def send_email(to: str, subject: str, body: str) -> str:
+        """Send an e-mail."""
+        ran.append(("send_email", {"to": to}))
+        return "sent"
+
+    model = Scripted([call("create_refund", "o1", amount=50, currency="USD", account="ACC-1001"),
+                      call("create_refund", "o2", amount=500, currency="USD",
+                           account="ACC-1001"),
+                      call("send_email", "o3", to="x@evil.test", subject="s", body="b")],
+                     [say("Done.")])
+    agent = Agent(name="support", model=model, tools=[create_refund])
+
+    with load(folder) as iam:
+        agent = iam.protect(agent, agent_id="support-agent")
+        agent.tools.append(send_email)  # added after wiring: still guarded
+        async with iam.delegate("alice@example.com", "refund T-1042", REFUND_CAPS) as token:
+            await Runner.run(agent, "Refund my double charge.")
+        assert iam.guard.authorize(token, refund(10)).reasons[0].code == "token.revoked"
+
+    assert ran == [("create_refund", {"amount": 50, "currency": "USD", "account": "ACC-1001"})]
+    shown = model.all_outputs()
+    assert "refunded 50" in shown["o1"]
+    assert "refused" in shown["o2"] and "refused" in shown["o3"]
+    recorded = events(folder)
+    decisions = {e["call_id"]: e["decision"]["outcome"] for e in recorded
+                 if e["event_type"] == "tool_call.decided" and e["call_id"] in ("o1", "o2", "o3")}
+    assert decisions == {"o1": "allow", "o2": "deny", "o3": "deny"}
+    assert [e["execution_id"] for e in recorded if e["event_type"] == "execution.ended"] == [
+        token.identity.execution_id]
