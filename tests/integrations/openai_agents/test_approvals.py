@@ -13,6 +13,7 @@ from agents import Agent, Runner
 from agentic_iam.integrations.openai_agents import IAMRunContext, approve, protect, reject
 from tests.conftest import Env
 from tests.integrations.openai_agents.conftest import (
+    MODES,
     REQUEST,
     Backend,
     Scripted,
@@ -45,7 +46,7 @@ def resume(agent: Agent[Any], state: Any) -> Any:
     return asyncio.run(Runner.run(agent, state))
 
 
-@pytest.mark.parametrize("mode", ["run", "streamed"])
+@pytest.mark.parametrize("mode", MODES)
 def test_approval_pauses_and_the_approved_call_runs_once(env: Env, backend: Backend,
                                                          mode: str) -> None:
     agent, result, model = paused_run(env, backend, mode=mode)

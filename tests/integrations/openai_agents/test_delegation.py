@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from agents import Agent, Runner, function_tool
 from agents.tool_context import ToolContext
 
 from agentic_iam.integrations.openai_agents import IAMRunContext, protect
 from tests.conftest import Env
 from tests.integrations.openai_agents.conftest import (
+    MODES,
     REQUEST,
     Backend,
+    Mode,
     Scripted,
     call,
     decided,
@@ -48,7 +51,9 @@ def child_of(env: Env, root: Any, event: Any) -> None:
     assert len(minted) == 1 and minted[0].parent_execution_id == parent.execution_id
 
 
-def test_handoff_target_runs_under_a_narrower_child(env: Env, backend: Backend) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_handoff_target_runs_under_a_narrower_child(env: Env, backend: Backend,
+                                                    mode: Mode) -> None:
     target_model = Scripted([call("create_refund", "d1", **refund(80)),
                              call("read_ticket", "d2", ticket_id="T-1042")],
                             [say("Refunded.")])
@@ -58,7 +63,7 @@ def test_handoff_target_runs_under_a_narrower_child(env: Env, backend: Backend) 
     # refund:create only: read_ticket is not in the parent's grant, so not in the child's
     root = env.refund_token(capabilities=["refund:create amount<=100"])
 
-    result = execute("run", triage, REQUEST, context=IAMRunContext(root, end_on_finish=False))
+    result = execute(mode, triage, REQUEST, context=IAMRunContext(root, end_on_finish=False))
 
     assert result.final_output == "Refunded."
     assert backend.executions == [("create_refund", refund(80))]
