@@ -202,7 +202,8 @@ _SENTINEL = threading.Lock()
 def _check_mediated(tool: FunctionTool, kwargs: Mapping[str, Any]) -> None:
     """Raise if ``tool`` runs while an execution token is bound but no mediation runs it with
     these arguments (a stock agent started inside a mediated tool inherits its decision)."""
-    if current_token() is None or getattr(tool._real_fn, "__module__", None) in _INTERNAL:
+    fn = getattr(tool, "_real_fn", None)
+    if current_token() is None or getattr(fn, "__module__", None) in _INTERNAL:
         return
     decision = current_decision()
     arguments = {k: v for k, v in kwargs.items() if k != tool.ctx_param_name}

@@ -226,3 +226,18 @@ async def test_two_line_start_with_a_project(tmp_path: Path) -> None:
     assert decisions == {"q1": "allow", "q2": "deny"}
     assert [e["agent_id"] for e in audit if e.get("event_type") == "execution.ended"] == [
         "support-agent"]
+
+
+async def test_a_copy_of_a_protected_agent_is_protected(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    agent = protect(FunctionAgent(name="support", description="Support", tools=[],
+                                  llm=scripted()), env.guard, agent_id="support-agent")
+    llm = scripted(ai("Refund and delete.", call("create_refund", "k1", **REFUND),
+                      call("delete_account", "k2", account="acct-alice")), ai("Done."))
+    clone = agent.model_copy(update={"llm": llm, "tools": [tools["create_refund"],
+                                                           tools["delete_account"]]})
+    assert type(clone) is type(agent)
+    await drive(await run_with_identity(clone, REQUEST, env.refund_token()))
+    assert backend.executed("create_refund") == [REFUND]
+    assert backend.executed("delete_account") == []
+    assert decided(env, "k2").decision.outcome == "deny"
