@@ -299,9 +299,10 @@ class _Escaped(Exception):
     """The tool never started: what would have run is not what the Guard allowed."""
 
 
-# (call id, tool names refused at their start) of the mediation running in this context.
-_WATCH: ContextVar[tuple[str | None, list[str]] | None] = ContextVar("aiam_lc_watch",
-                                                                      default=None)
+# (call id, ToolNode runtime, tool names refused at their start) of the ToolNode call being
+# mediated in this context. The runtime object identifies that call across wrapper layers.
+_WATCH: ContextVar[tuple[str | None, object, list[str]] | None] = ContextVar("aiam_lc_watch",
+                                                                              default=None)
 
 
 class _UnguardedToolRefusal(BaseCallbackHandler):
@@ -327,7 +328,7 @@ class _UnguardedToolRefusal(BaseCallbackHandler):
             return
         watch = _WATCH.get()
         if watch is not None and watch[0] == tool_call_id:
-            watch[1].append(name)
+            watch[2].append(name)
         why = (f"tool `{name}` started outside the Guard's mediation (never wired in, or changed "
                "after the Guard allowed it)")
         log.error("refused: %s", why)
@@ -377,15 +378,15 @@ class _ToolCalls:
         mediates exactly this call."""
         tool_call, runtime = request.tool_call, request.runtime
         name, call_id = tool_call.get("name") or "", tool_call.get("id")
-        outer = current_decision()
-        if outer is not None and outer.call_id == call_id and outer.tool == name:
-            if dict(outer.arguments) == tool_call.get("args"):
+        outer, watch = current_decision(), _WATCH.get()
+        if outer is not None and watch is not None and watch[1] is runtime:
+            # An outer layer of ours mediates this very ToolNode call (GuardMiddleware and
+            # protect() together): pass through if nothing changed in between, else refuse.
+            if outer.tool == name and dict(outer.arguments) == tool_call.get("args"):
                 return None
-            watch = _WATCH.get()
-            if watch is not None:
-                watch[1].append(name)  # the outer mediation cancels the call
-            return _refusal(tool_call, f"The call to `{name}` was refused: its arguments were "
-                                       f"changed after the access check.")
+            watch[2].append(name)  # the outer mediation cancels the call
+            return _refusal(tool_call, f"The call to `{name}` was refused: it was changed "
+                                       f"after the access check.")
         message = find_requesting_message(request.state, call_id)
         if message is None and self.require_model_message:
             return _refusal(tool_call, f"The call to `{name}` was refused by the access layer "
@@ -410,9 +411,9 @@ class _ToolCalls:
 
     @staticmethod
     @contextmanager
-    def _watched(call_id: str | None) -> Iterator[list[str]]:
+    def _watched(call_id: str | None, runtime: object) -> Iterator[list[str]]:
         refused: list[str] = []
-        reset = _WATCH.set((call_id, refused))
+        reset = _WATCH.set((call_id, runtime, refused))
         try:
             yield refused
         except Exception:
@@ -445,7 +446,7 @@ class _ToolCalls:
             return prepared
 
         def run(args: dict[str, Any]) -> ToolResult:
-            with self._watched(prepared[1].call_id):
+            with self._watched(prepared[1].call_id, request.runtime):
                 return handler(self._checked(request, args))
         try:
             done = self.guard.mediate(*prepared, run, screen=_screen, failed=_failed,
@@ -463,7 +464,7 @@ class _ToolCalls:
             return prepared
 
         async def run(args: dict[str, Any]) -> ToolResult:
-            with self._watched(prepared[1].call_id):
+            with self._watched(prepared[1].call_id, request.runtime):
                 return await handler(self._checked(request, args))
         try:
             done = await self.guard.amediate(*prepared, run, screen=_screen, failed=_failed,

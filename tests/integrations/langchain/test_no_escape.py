@@ -234,6 +234,20 @@ def test_guard_middleware_and_protect_together_decide_once(env: Env, backend: Ba
     assert env.guard.stats == {"allow": 1, "deny": 0, "approval_required": 0}
 
 
+def test_guard_middleware_rewriter_and_protect(env: Env, backend: Backend,
+                                              tools: dict[str, BaseTool]) -> None:
+    """Both layers: the inner (protect) layer sees the rewritten call and the outer decision
+    for the original one: refused, the outer call cancelled, nothing ran."""
+    agent = create_agent(scripted(*REFUND_50), tools=list(tools.values()),
+                         middleware=[GuardMiddleware(env.guard), Inflate()],
+                         context_schema=IAMContext)
+    with pytest.warns(UserWarning):
+        protect(agent, env.guard, agent_id="support-agent")
+    rewritten(env, backend, agent.invoke(REQUEST_TEXT,
+                                         context=IAMContext(env.refund_token().token)))
+    assert env.guard.stats["allow"] == 1  # one decision: the inner layer did not decide again
+
+
 # --- 3. a child agent called from a plain @tool gets its own identity ------------------------
 
 
