@@ -558,8 +558,16 @@ def init_project(directory: str | Path, *, agent_id: str = DEFAULT_AGENT, force:
     if config.get("issuer") != issuer:
         rendered[CONFIG_FILE] = rendered[CONFIG_FILE].replace(
             f"issuer: {config.get('issuer')}", f"issuer: {json.dumps(issuer)}", 1)
+    keys_path = target / str(config.get("keys", "aiam-keys.json"))
+    # A key file to keep is checked before anything is written: a refusal changes nothing.
+    keep_keys = keys_path.exists()
+    if keep_keys:
+        existing = KeySet.load(keys_path)  # refuse to keep a key file that does not load
+        if existing.issuer != issuer:
+            raise ConfigurationError(f"`{keys_path}` belongs to issuer `{existing.issuer}`, not "
+                                     f"`{issuer}`: move it away or pass that issuer")
     written: list[Path] = []
-    kept: list[Path] = []
+    kept: list[Path] = [keys_path.relative_to(target)] if keep_keys else []
     for name, text in rendered.items():
         path = target / name
         if name == ".gitignore" and path.exists():  # the user's, not a project file
@@ -568,14 +576,7 @@ def init_project(directory: str | Path, *, agent_id: str = DEFAULT_AGENT, force:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(Path(name))
-    keys_path = target / str(config.get("keys", "aiam-keys.json"))
-    if keys_path.exists():
-        existing = KeySet.load(keys_path)  # refuse to keep a key file that does not load
-        if existing.issuer != issuer:
-            raise ConfigurationError(f"`{keys_path}` belongs to issuer `{existing.issuer}`, not "
-                                     f"`{issuer}`: move it away or pass that issuer")
-        kept.append(keys_path.relative_to(target))
-    else:
+    if not keep_keys:
         KeySet.generate(issuer).save(keys_path)  # mode 0600
         written.append(keys_path.relative_to(target))
     return Written(target, tuple(written), tuple(kept))

@@ -299,6 +299,11 @@ def test_init_refuses_a_folder_that_is_not_empty_unless_forced(folder: Path) -> 
     assert KeySet.load(folder / "aiam-keys.json").active.kid == before
     assert (folder / ".gitignore").read_text() == "mine\n"
     load(folder).close()
+    KeySet.generate("https://someone.else").save(folder / "aiam-keys.json")
+    (folder / "agents.yaml").write_text("mine")
+    with pytest.raises(ConfigurationError, match=r"belongs to issuer `https://someone\.else`"):
+        init_project(folder, force=True)
+    assert (folder / "agents.yaml").read_text() == "mine"  # refused before writing anything
 
 
 def test_init_names_the_agent_and_checks_its_id(tmp_path: Path) -> None:
