@@ -31,6 +31,22 @@ def test_all_names_resolve() -> None:
         assert hasattr(agentic_iam, name), name
 
 
+def test_the_two_line_start_and_the_core_api_are_public() -> None:
+    from agentic_iam.core import binding, mediation, memory
+    from agentic_iam.project import Delegation, Project, init_project, load
+
+    expected = {"load": load, "Project": Project, "Delegation": Delegation,
+                "init_project": init_project, "bind": binding.bind,
+                "current_token": binding.current_token, "Mediated": mediation.Mediated,
+                "ApprovalAnswer": mediation.ApprovalAnswer,
+                "MemoryFiltered": memory.MemoryFiltered, "DroppedItem": memory.DroppedItem}
+    for name, obj in expected.items():
+        assert name in agentic_iam.__all__, name
+        assert getattr(agentic_iam, name) is obj, name
+    assert list(agentic_iam.__all__) == sorted(set(agentic_iam.__all__), key=lambda n: (
+        0 if n[0].isupper() else 1 if n.startswith("__") else 2, n)), "sorted, no duplicates"
+
+
 FRAMEWORKS = ("langchain", "langchain_core", "langgraph", "llama_index", "agents", "openai",
               "redis", "opentelemetry")
 
