@@ -514,20 +514,33 @@ class _Guarded:
     def _aiam(self) -> _Settings:
         raise NotImplementedError
 
-    def _aiam_root(self) -> str:
-        raise NotImplementedError
+    def _aiam_agents(self) -> Mapping[str, BaseWorkflowAgent]:
+        """The run's agents by name: an ``AgentWorkflow``'s, or the single agent itself."""
+        if isinstance(self, AgentWorkflow):
+            return self.agents
+        return {cast(BaseWorkflowAgent, self).name: cast(BaseWorkflowAgent, self)}
 
-    def _aiam_agent(self, name: str) -> BaseWorkflowAgent | None:
-        raise NotImplementedError
+    def _aiam_root(self) -> str:
+        return str(self.root_agent if isinstance(self, AgentWorkflow) else next(
+            iter(self._aiam_agents())))
 
     async def _aiam_current(self, ctx: Context) -> str:
-        raise NotImplementedError
+        name = await ctx.store.get("current_agent_name", default=None) if isinstance(
+            self, AgentWorkflow) else None
+        return name if isinstance(name, str) else self._aiam_root()
 
     async def _aiam_tools(self, agent_name: str, tool_name: str) -> Sequence[AsyncBaseTool]:
-        raise NotImplementedError
+        if isinstance(self, AgentWorkflow):
+            return await self.get_tools(agent_name, tool_name)
+        return await cast(BaseWorkflowAgent, self).get_tools(tool_name)
 
     def _aiam_can_handoff(self, current: str, target: str) -> bool:
-        return False
+        """Whether the stock ``handoff`` tool would switch (``*``: is it a handoff workflow)."""
+        agents = self._aiam_agents()
+        if target == "*" or current not in agents or target not in agents:
+            return target == "*" and len(agents) > 1
+        allowed = agents[current].can_handoff_to
+        return target != current and (allowed is None or target in allowed)
 
     def _aiam_id(self, name: str) -> str:
         s = self._aiam()
@@ -623,7 +636,7 @@ class _Guarded:
     async def _aiam_mediate(self, ctx: Context, run: _Run, name: str, token: str | None,
                             ev: ToolCallEvent, paused_key: str
                             ) -> tuple[ToolOutput, bool, Mapping[str, Any]]:
-        s, agent = self._aiam(), self._aiam_agent(name)
+        s, agent = self._aiam(), self._aiam_agents().get(name)
         text = await _requesting_text(ctx, agent, ev)
         if text is None:  # a ToolCall event sent into the workflow, not asked for by a model
             log.warning("no model message asked for tool call `%s` (%s); refused",
@@ -759,23 +772,11 @@ class _Guarded:
     async def _aiam_scope(self, ctx: Context, agent_name: str) -> _StepScope:
         s, run = self._aiam(), await _load(ctx)
         return _StepScope(s.guard, run.token_for(agent_name, self._aiam_root()),
-                          _model_name(self._aiam_agent(agent_name), s.model_name))
+                          _model_name(self._aiam_agents().get(agent_name), s.model_name))
 
 
 class _GuardedAgent(_Guarded):
     """A single workflow agent (``FunctionAgent``, ``ReActAgent``...) running as its workflow."""
-
-    def _aiam_root(self) -> str:
-        return cast(BaseWorkflowAgent, self).name
-
-    def _aiam_agent(self, name: str) -> BaseWorkflowAgent | None:
-        return cast(BaseWorkflowAgent, self)
-
-    async def _aiam_current(self, ctx: Context) -> str:
-        return cast(BaseWorkflowAgent, self).name
-
-    async def _aiam_tools(self, agent_name: str, tool_name: str) -> Sequence[AsyncBaseTool]:
-        return await cast(BaseWorkflowAgent, self).get_tools(tool_name)
 
     async def take_step(self, ctx: AgentContext, llm_input: list[ChatMessage],
                         tools: Sequence[AsyncBaseTool], memory: BaseMemory) -> AgentOutput:
@@ -787,36 +788,6 @@ class _GuardedAgent(_Guarded):
                 f"guard tool calls; protect the AgentWorkflow instead")
         return cast(AgentOutput, await cast(Any, super()).take_step(ctx, llm_input, tools,
                                                                     memory))
-
-
-class _GuardedWorkflow(_Guarded):
-    """An ``AgentWorkflow``: its steps run for every agent in it (stock agents included)."""
-
-    def _wf(self) -> AgentWorkflow:
-        return cast(AgentWorkflow, self)
-
-    def _aiam_root(self) -> str:
-        return str(self._wf().root_agent)
-
-    def _aiam_agent(self, name: str) -> BaseWorkflowAgent | None:
-        return self._wf().agents.get(name)
-
-    async def _aiam_current(self, ctx: Context) -> str:
-        name = await ctx.store.get("current_agent_name", default=None)
-        return name if isinstance(name, str) else self._aiam_root()
-
-    async def _aiam_tools(self, agent_name: str, tool_name: str) -> Sequence[AsyncBaseTool]:
-        return await self._wf().get_tools(agent_name, tool_name)
-
-    def _aiam_can_handoff(self, current: str, target: str) -> bool:
-        """Whether the stock ``handoff`` tool would switch (``*``: is it a handoff workflow)."""
-        agents = self._wf().agents
-        if target == "*":
-            return len(agents) > 1
-        if current not in agents or target not in agents or target == current:
-            return False
-        allowed = agents[current].can_handoff_to
-        return allowed is None or target in allowed
 
 
 def protect(agent: W, guard: Guard, *, broker: DelegationBroker | None = None,
@@ -843,7 +814,7 @@ def protect(agent: W, guard: Guard, *, broker: DelegationBroker | None = None,
     if isinstance(agent, BaseWorkflowAgent):
         mixin: type[_Guarded] = _GuardedAgent
     elif isinstance(agent, AgentWorkflow):
-        mixin = _GuardedWorkflow
+        mixin = _Guarded
     else:
         raise TypeError(f"protect() takes a LlamaIndex workflow agent or AgentWorkflow, not "
                         f"`{type(agent).__name__}`")
