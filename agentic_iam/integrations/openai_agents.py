@@ -184,10 +184,11 @@ class _NotStarted(Exception):
 class _Parked:
     """A mediation started in ``needs_approval``, waiting for ``on_invoke_tool`` to run it."""
 
-    task: asyncio.Future[Mediated[Any]]
+    task: asyncio.Future[Mediated[Any] | None]
     gate: asyncio.Future[dict[str, Any]]
     output: asyncio.Future[Any]
     token: TokenLike | None
+    started: list[bool]
     timer: asyncio.TimerHandle | None = None
 
 
@@ -410,21 +411,33 @@ class _Protection:
         gate: asyncio.Future[dict[str, Any]] = loop.create_future()
         output: asyncio.Future[Any] = loop.create_future()
 
+        started: list[bool] = []
+
         async def run(args: dict[str, Any]) -> Any:
             gate.set_result(args)
-            return await output
+            try:
+                return await output
+            except asyncio.CancelledError:  # the run was torn down (a hook or tripwire raised)
+                if started:
+                    raise  # the tool may have had its effect: charged
+                raise _NotStarted() from None
+
+        async def mediate() -> Mediated[Any] | None:
+            try:
+                return await self.mediate(ctx, token, name, call_id, params, agent_id, run, ask)
+            except _NotStarted:
+                return None  # cancelled by the Guard; nobody waits for this result
 
         def ask(payload: dict[str, Any]) -> NoReturn:
             raise _Pause(payload.get("approval_id"))
 
         token = self.token_for(ctx, agent_id)
-        task = asyncio.ensure_future(self.mediate(ctx, token, name, call_id, params, agent_id,
-                                                  run, ask))
+        task = asyncio.ensure_future(mediate())
         waiting: set[asyncio.Future[Any]] = {task, gate}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         state = self.run_of(ctx)
         if gate.done():
-            parked = _Parked(task, gate, output, token)
+            parked = _Parked(task, gate, output, token, started)
             parked.timer = loop.call_later(_STARTS_WITHIN_S, self.expire, state, call_id, parked)
             state.parked[call_id] = parked
             return False
@@ -435,7 +448,9 @@ class _Protection:
             return True
         if error is not None:
             raise error
-        state.parked[call_id] = task.result()
+        done = task.result()
+        if done is not None:
+            state.parked[call_id] = done
         return False
 
     @staticmethod
@@ -463,9 +478,11 @@ class _Protection:
         async def invoke(ctx: ToolContext[Any], input_json: str) -> Any:
             call_id = ctx.tool_call_id
             found = self.run_of(ctx).parked.pop(call_id, None)
+            done: Mediated[Any] | None
             if isinstance(found, _Parked):
                 if found.timer is not None:
                     found.timer.cancel()
+                found.started.append(True)
                 try:
                     found.output.set_result(
                         await self.run_tool(run, ctx, found.gate.result(), found.token))
@@ -483,6 +500,8 @@ class _Protection:
                 except _Pause as pause:  # no SDK pause is possible here; it stays pending
                     return (f"The call to `{name}` needs a human's approval for this exact call "
                             f"(request `{pause.args[0]}`, pending) and was not run.")
+            if done is None:  # cancelled before it started (cannot happen once started)
+                return f"The call to `{name}` was not run."
             return done.value if done.status in ("ran", "replayed") else done.refusal
 
         return invoke

@@ -196,3 +196,27 @@ def test_a_call_refused_by_the_users_own_guardrail_is_cancelled(env: Env,
     # the Guard allowed it, the tool never started: cancelled (budget and call id given back)
     assert decided(env)["g1"].decision.outcome == "allow"
     assert [e.result.outcome for e in events(env, "tool_call.completed")] == ["cancelled"]
+
+
+def test_a_run_torn_down_before_the_tool_started_cancels_the_call(env: Env,
+                                                                   backend: Backend) -> None:
+    from agents import ToolGuardrailFunctionOutput, tool_input_guardrail
+    from agents.exceptions import ToolInputGuardrailTripwireTriggered
+
+    @tool_input_guardrail
+    def tripwire(data: Any) -> ToolGuardrailFunctionOutput:
+        return ToolGuardrailFunctionOutput.raise_exception()
+
+    tools = support_tools(backend)
+    for tool in tools:
+        tool.tool_input_guardrails = [tripwire]
+    model = Scripted([call("create_refund", "t1", **REFUND_50)], [say("never")])
+    agent = protect(Agent(name="support-agent", model=model, tools=tools), env.guard,
+                    broker=env.broker)
+
+    with pytest.raises(ToolInputGuardrailTripwireTriggered):
+        execute("run", agent, REQUEST, context=IAMRunContext(env.refund_token()))
+
+    assert backend.executions == []
+    assert decided(env)["t1"].decision.outcome == "allow"
+    assert [e.result.outcome for e in events(env, "tool_call.completed")] == ["cancelled"]
