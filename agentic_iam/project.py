@@ -84,7 +84,7 @@ DEFAULT_AGENT = "support-agent"
 _AGENT_PLACEHOLDER = "__AGENT__"
 _AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")  # the registry's own rule for ids
 _CONFIG_KEYS = frozenset({"version", "issuer", "audience", "keys", "registry", "policies",
-                          "schema", "store", "audit", "approvers", "guard"})
+                          "schema", "store", "store_prefix", "audit", "approvers", "guard"})
 # GuardConfig fields a config file may set, with the types YAML must give them (no coercion:
 # `"10"` for a rate is a mistake to report, not a number to guess).
 _GUARD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -133,6 +133,8 @@ class ProjectConfig:
     """Configured approver ids."""
     guard: GuardConfig
     """The Guard's limits."""
+    store_prefix: str = "aiam:"
+    """The key prefix of a Redis store (several projects can share one Redis)."""
 
 
 def _string(raw: Mapping[str, Any], key: str, file: Path, default: str | None = None) -> str:
@@ -157,6 +159,14 @@ def _store_spec(raw: Mapping[str, Any], file: Path) -> str:
         return "sqlite:" + str((file.parent / spec.removeprefix("sqlite:")).resolve())
     raise _problem(file, "store", f"unknown store `{spec}`: use memory, sqlite:PATH or "
                    "redis://HOST:PORT/DB")
+
+
+def _store_prefix(raw: Mapping[str, Any], store: str, file: Path) -> str:
+    if "store_prefix" not in raw:
+        return "aiam:"
+    if not store.startswith(("redis://", "rediss://")):
+        raise _problem(file, "store_prefix", "only a Redis store has a key prefix")
+    return _string(raw, "store_prefix", file)
 
 
 def _guard_config(raw: Mapping[str, Any], approvers: frozenset[str], file: Path) -> GuardConfig:
@@ -210,16 +220,19 @@ def read_config(path: str | Path) -> ProjectConfig:
                                 _path(raw, "registry", file, "agents.yaml"),
                                 _path(raw, "policies", file, "policies"))
     assert keys is not None and registry is not None and policies is not None
+    store = _store_spec(raw, file)
     return ProjectConfig(
         file=file, issuer=_string(raw, "issuer", file), audience=_string(raw, "audience", file),
         keys=keys, registry=registry, policies=policies,
-        schema=_path(raw, "schema", file, optional=True), store=_store_spec(raw, file),
+        schema=_path(raw, "schema", file, optional=True), store=store,
         audit=_path(raw, "audit", file, optional=True), approvers=approver_ids,
-        guard=_guard_config(raw, approver_ids, file))
+        guard=_guard_config(raw, approver_ids, file),
+        store_prefix=_store_prefix(raw, store, file))
 
 
-def open_store(spec: str) -> Store:
-    """A store from ``memory``, ``sqlite:PATH`` or ``redis://…`` (as ``aiam store`` takes them)."""
+def open_store(spec: str, *, prefix: str = "aiam:") -> Store:
+    """A store from ``memory``, ``sqlite:PATH`` or ``redis://…`` (as ``aiam store`` takes them);
+    ``prefix`` is a Redis store's key prefix."""
     if spec == "memory":
         from agentic_iam.core.store.memory import MemoryStore
 
@@ -231,7 +244,7 @@ def open_store(spec: str) -> Store:
     if spec.startswith(("redis://", "rediss://")):
         from agentic_iam.core.store.redis import RedisStore
 
-        return RedisStore(spec)
+        return RedisStore(spec, prefix=prefix)
     raise ValueError(f"unknown store `{spec}`: use memory, sqlite:PATH or redis://HOST:PORT/DB")
 
 
@@ -446,6 +459,26 @@ class Project:
                 f"{[a.id for a in self.registry.list_agents()]} store={self.config.store!r}>")
 
 
+def _check_epoch(store: Store, config: ProjectConfig) -> None:
+    """Refuse to start on a shared store without an epoch (never initialised, or it lost its
+    state): every call would be denied, so say so now, with the command that fixes it. This is
+    also the first round trip, so an unreachable server is reported here too."""
+    from agentic_iam.core.store.base import state_lost
+
+    read_epoch = getattr(store, "read_epoch", None)
+    if config.store == "memory" or read_epoch is None or read_epoch() is not None:
+        return
+    shown, spec = config.store, config.store
+    if spec.startswith(("redis://", "rediss://")):
+        from agentic_iam.core.store.redis import _safe_url  # never print a password
+
+        shown = spec = _safe_url(spec)
+        if config.store_prefix != "aiam:":
+            spec += f" --prefix {config.store_prefix}"
+    raise state_lost(shown, "the store has no epoch (never initialised, or it lost its state)",
+                     spec)
+
+
 def load(path: str | Path = ".", *, approver: Approver | None = None) -> Project:
     """Load the project in ``path`` (a folder holding ``aiam.yaml``, or the file itself).
 
@@ -470,8 +503,9 @@ def load(path: str | Path = ".", *, approver: Approver | None = None) -> Project
     policy = CedarEngine.from_directory(config.policies, registry, schema_path=config.schema)
     opened: list[Callable[[], None]] = [policy.close]
     try:
-        store = open_store(config.store)
+        store = open_store(config.store, prefix=config.store_prefix)
         opened.append(store.close)
+        _check_epoch(store, config)
         recorder = None
         if config.audit is not None:
             config.audit.parent.mkdir(parents=True, exist_ok=True)

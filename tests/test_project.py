@@ -476,6 +476,44 @@ def test_a_sqlite_store_must_be_initialised_first(folder: Path) -> None:
         assert third.guard.authorize(token, refund(30)).reasons[0].code == "token.revoked"
 
 
+def test_a_redis_store_with_its_own_prefix_is_shared_between_processes(folder: Path) -> None:
+    import uuid
+
+    import redis
+
+    from tests.conftest import redis_url, require_redis
+
+    require_redis()  # fails in CI without the server, skips locally
+    url, prefix = redis_url(), f"aiam-test:{uuid.uuid4().hex}:"
+    _edit(folder, "store: memory", f"store: {url}\nstore_prefix: {json.dumps(prefix)}")
+    try:
+        with pytest.raises(StoreStateLostError,  # no epoch yet: every call would be denied
+                           match=f"aiam store init --store {url} --prefix {prefix}"):
+            load(folder)
+        result = CliRunner().invoke(app, ["store", "init", "--store", url, "--prefix", prefix])
+        assert result.exit_code == 0, result.output
+        with load(folder) as first, load(folder) as second:
+            token = first.delegate("alice@example.com", "refund", REFUND_CAPS,
+                                   budget={"tool_calls": 1})
+            assert first.guard.authorize(token, refund(30)).outcome == "allow"
+            spent = second.guard.authorize(token, refund(30))
+            assert spent.reasons[0].code == "budget.exhausted"
+            token.end()
+            assert second.guard.authorize(token, refund(30)).reasons[0].code == "token.revoked"
+    finally:
+        client = redis.Redis.from_url(url, socket_timeout=5.0)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def test_a_store_prefix_without_redis_is_refused(folder: Path) -> None:
+    _edit(folder, "store: memory", "store: memory\nstore_prefix: mine")
+    with pytest.raises(ConfigurationError, match="field `store_prefix`: only a Redis store"):
+        load(folder)
+
+
 # --- protect ---------------------------------------------------------------------------------
 
 
