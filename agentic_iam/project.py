@@ -15,12 +15,16 @@ What it is for
         with iam.delegate("alice@example.com", "refund T-1042", ["refund:create amount<=100"]):
             agent.invoke(...)
 
+    The configuration is YAML, not TOML: Python 3.10 (supported) has no ``tomllib``, and the
+    registry is YAML already (pyyaml is a dependency).
+
 What it must never do
-    Start with a piece missing or half-read (every problem is a
-    :class:`~agentic_iam.errors.ConfigurationError` naming the file and the field, and whatever
-    was opened is closed again); decide anything itself (the Guard does); leave a delegated
-    execution alive after its ``with`` block; or overwrite a folder or a signing key it was not
-    told to.
+    Start with a piece missing or half-read (a broken file is a
+    :class:`~agentic_iam.errors.ConfigurationError` naming the file and the field, a shared store
+    that is down or has no epoch a :class:`~agentic_iam.errors.StoreError` naming the command
+    that fixes it, and whatever was opened is closed again); decide anything itself (the Guard
+    does); leave a delegated execution alive after its ``with`` block; or overwrite a folder or
+    a signing key it was not told to.
 """
 
 from __future__ import annotations
@@ -482,9 +486,10 @@ def _check_epoch(store: Store, config: ProjectConfig) -> None:
 def load(path: str | Path = ".", *, approver: Approver | None = None) -> Project:
     """Load the project in ``path`` (a folder holding ``aiam.yaml``, or the file itself).
 
-    ``approver`` is the Guard's own approver (asked inside ``authorize``), if any. Every missing
-    or broken piece raises a :class:`~agentic_iam.errors.ConfigurationError` naming the file
-    (and the field); nothing stays open after a failure.
+    ``approver`` is the Guard's own approver (asked inside ``authorize``), if any. A missing or
+    broken file raises a :class:`~agentic_iam.errors.ConfigurationError` naming the file (and
+    the field); a shared store that is down or has no epoch a
+    :class:`~agentic_iam.errors.StoreError`. Nothing stays open after a failure.
     """
     from agentic_iam.core.broker import DelegationBroker
     from agentic_iam.core.provenance import HeadSigner, JsonlSink, Recorder
