@@ -241,3 +241,31 @@ async def test_a_copy_of_a_protected_agent_is_protected(
     assert backend.executed("create_refund") == [REFUND]
     assert backend.executed("delete_account") == []
     assert decided(env, "k2").decision.outcome == "deny"
+
+
+async def test_a_protected_workflow_under_a_bound_token(
+        env: Env, backend: Backend, tools: dict[str, FunctionTool]) -> None:
+    """What `with iam.delegate(...)` does for a multi-agent workflow: the bound token is the
+    root agent's; the handoff mints the receiver its own; both end with the run."""
+    triage = FunctionAgent(name="triage", description="Routes.", tools=[],
+                           llm=scripted(ai("Handing over.", call("handoff", "w1",
+                                                                 to_agent="refunds",
+                                                                 reason="a refund"))),
+                           can_handoff_to=["refunds"])
+    refunds = FunctionAgent(name="refunds", description="Refunds.",
+                            tools=[tools["create_refund"]],
+                            llm=scripted(ai("Refunding.", call("create_refund", "w2", **REFUND)),
+                                         ai("Done.")))
+    workflow = protect(AgentWorkflow(agents=[triage, refunds], root_agent="triage"), env.guard,
+                       broker=env.broker, agent_id="support-agent",
+                       agent_ids={"refunds": "refund-bot"})
+    token = env.refund_token()
+    with bind(token):
+        result = await workflow.run(user_msg=REQUEST)
+    assert result.current_agent_name == "refunds"
+    assert backend.executed("create_refund") == [REFUND]
+    event = decided(env, "w2")
+    assert event.agent_id == "refund-bot" and event.execution_id != token.identity.execution_id
+    assert not alive(env, token)
+    assert sorted(e.agent_id or "" for e in env.sink.events
+                  if e.event_type == "execution.ended") == ["refund-bot", "support-agent"]
