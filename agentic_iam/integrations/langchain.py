@@ -372,6 +372,11 @@ class _ToolCalls:
     on_approval: ApprovalMode = "interrupt"
     require_model_message: bool = True
 
+    def __post_init__(self) -> None:
+        if self.on_approval not in ("interrupt", "refuse"):
+            raise ValueError(f"on_approval must be `interrupt` or `refuse`, got "
+                             f"{self.on_approval!r}")
+
     def prepare(self, request: ToolCallRequest) -> tuple[Token | None, ToolCall] | ToolMessage \
             | None:
         """(token, call) to mediate; a refusal; or ``None`` when an outer layer of ours already
@@ -495,8 +500,6 @@ class GuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         state. ``agent_id``: the registry agent this is; a token of another agent is refused.
         """
         super().__init__()
-        if on_approval not in ("interrupt", "refuse"):
-            raise ValueError(f"on_approval must be `interrupt` or `refuse`, got {on_approval!r}")
         self.guard = guard
         self._calls = _ToolCalls(guard, agent_id, model_name, on_approval, require_model_message)
 

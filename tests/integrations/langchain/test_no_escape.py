@@ -417,6 +417,8 @@ def test_wiring_errors_are_reported_at_wiring_time(env: Env,
     with pytest.raises(ConfigurationError, match="no ToolNode"):
         protect(graph.compile(), env.guard)
     agent = create_agent(scripted(ai("done")), tools=list(tools.values()))
+    with pytest.raises(ValueError, match="on_approval"):
+        protect(agent, env.guard, on_approval="ask-later")  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert protect(agent, env.guard) is agent
