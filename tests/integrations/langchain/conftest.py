@@ -169,11 +169,12 @@ def total_decisions(env: Env) -> int:
 def _complete_mediation(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every test that used both: each real execution had exactly one allow decision."""
     names = request.fixturenames
-    if "env" not in names or "backend" not in names:
+    env_name = next((n for n in ("env", "denv") if n in names), None)
+    if env_name is None or "backend" not in names:
         yield
         return
     # Resolved here (set-up time) so that both outlive this fixture's teardown.
-    env: Env = request.getfixturevalue("env")
+    env: Env = request.getfixturevalue(env_name)
     backend: Backend = request.getfixturevalue("backend")
     yield
     assert_one_allow_per_execution(env.sink, backend.calls)
