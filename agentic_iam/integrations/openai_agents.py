@@ -198,7 +198,8 @@ class _Run:
 
     children: dict[tuple[str, str], TokenLike | None] = field(default_factory=dict)
     asked: dict[str, ReasoningContext] = field(default_factory=dict)
-    parked: dict[str, _Parked | Mediated[Any]] = field(default_factory=dict)
+    parked: dict[tuple[str, str], _Parked | Mediated[Any]] = field(default_factory=dict)
+    """(tool, call id) → a call decided in ``needs_approval``, for its ``on_invoke_tool``."""
     observed: bool = False
 
 
@@ -431,15 +432,15 @@ class _Protection:
         def ask(payload: dict[str, Any]) -> NoReturn:
             raise _Pause(payload.get("approval_id"))
 
-        token = self.token_for(ctx, agent_id)
+        token, key = self.token_for(ctx, agent_id), (name, call_id)
         task = asyncio.ensure_future(mediate())
         waiting: set[asyncio.Future[Any]] = {task, gate}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         state = self.run_of(ctx)
         if gate.done():
             parked = _Parked(task, gate, output, token, started)
-            parked.timer = loop.call_later(_STARTS_WITHIN_S, self.expire, state, call_id, parked)
-            state.parked[call_id] = parked
+            parked.timer = loop.call_later(_STARTS_WITHIN_S, self.expire, state, key, parked)
+            state.parked[key] = parked
             return False
         error = task.exception()
         if isinstance(error, _Pause):  # the SDK pauses the run (result.interruptions)
@@ -450,13 +451,13 @@ class _Protection:
             raise error
         done = task.result()
         if done is not None:
-            state.parked[call_id] = done
+            state.parked[key] = done
         return False
 
     @staticmethod
-    def expire(state: _Run, call_id: str, parked: _Parked) -> None:
-        if state.parked.get(call_id) is parked:
-            del state.parked[call_id]
+    def expire(state: _Run, key: tuple[str, str], parked: _Parked) -> None:
+        if state.parked.get(key) is parked:
+            del state.parked[key]
         if parked.timer is not None:
             parked.timer.cancel()
         if not parked.output.done():
@@ -466,18 +467,18 @@ class _Protection:
         """The turn is over: a call decided but never started (a guardrail in front of ours
         refused it, the run stopped) is cancelled: reservation and call id are given back."""
         state = self.run_of(ctx)
-        for call_id, parked in list(state.parked.items()):
+        for key, parked in list(state.parked.items()):
             if isinstance(parked, _Parked):
-                self.expire(state, call_id, parked)
+                self.expire(state, key, parked)
             else:
-                del state.parked[call_id]
+                del state.parked[key]
 
     def invoker(self, name: str, agent_id: str,
                 run: Callable[[ToolContext[Any], str], Awaitable[Any]]
                 ) -> Callable[[ToolContext[Any], str], Awaitable[Any]]:
         async def invoke(ctx: ToolContext[Any], input_json: str) -> Any:
             call_id = ctx.tool_call_id
-            found = self.run_of(ctx).parked.pop(call_id, None)
+            found = self.run_of(ctx).parked.pop((name, call_id), None)
             done: Mediated[Any] | None
             if isinstance(found, _Parked):
                 if found.timer is not None:

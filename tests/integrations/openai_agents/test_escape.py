@@ -152,3 +152,17 @@ def test_parallel_sync_and_async_tools_each_get_one_decision(env: Env,
     outcomes = {k: e.decision.outcome for k, e in decided(env).items()}
     assert outcomes == {"k1": "allow", "k2": "allow", "k3": "allow", "k4": "allow",
                         "k5": "deny", "k6": "deny"}
+
+
+def test_one_call_id_for_two_tools_runs_nothing(env: Env, backend: Backend) -> None:
+    from agents.exceptions import ModelBehaviorError
+
+    model = Scripted([call("create_refund", "dup", amount=50, currency="USD", account="acct-42"),
+                      call("read_ticket", "dup", ticket_id="T-1042")], [say("done")])
+    agent = protect(Agent(name="support-agent", model=model, tools=support_tools(backend)),
+                    env.guard, broker=env.broker)
+    # the SDK refuses the response; were it to pass, the adapter keys each decided call by
+    # (tool, call id) and the Guard refuses a reused id (call.reused)
+    with pytest.raises(ModelBehaviorError, match="reused a tool call ID"):
+        execute("run", agent, REQUEST, context=IAMRunContext(env.refund_token()))
+    assert backend.executions == []
