@@ -381,6 +381,15 @@ class _ToolCalls:
             | None:
         """(token, call) to mediate; a refusal; or ``None`` when an outer layer of ours already
         mediates exactly this call."""
+        try:
+            return self._prepare(request)
+        except Exception as exc:  # fail closed: the tool does not run, the run goes on
+            log.warning("access check for `%s` failed: %s", request.tool_call.get("name"),
+                        type(exc).__name__)
+            return _refusal(request.tool_call, "The call was refused: the access check failed.")
+
+    def _prepare(self, request: ToolCallRequest) -> tuple[Token | None, ToolCall] | ToolMessage \
+            | None:
         tool_call, runtime = request.tool_call, request.runtime
         name, call_id = tool_call.get("name") or "", tool_call.get("id")
         outer, watch = current_decision(), _WATCH.get()

@@ -248,6 +248,23 @@ def test_guard_middleware_rewriter_and_protect(env: Env, backend: Backend,
     assert env.guard.stats["allow"] == 1  # one decision: the inner layer did not decide again
 
 
+def test_an_access_check_that_raises_refuses_without_crashing(
+        env: Env, backend: Backend, tools: dict[str, BaseTool]) -> None:
+    """A state the adapter cannot read (here: messages that raise): refused, the run goes on."""
+
+    class Hostile(list):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            raise RuntimeError("unreadable state")
+
+    calls_ = guarded_tool_node([tools["create_refund"]], env.guard)
+    request = ToolCallRequest(
+        tool_call=call("create_refund", "h1", amount=1, currency="USD", account="a"),
+        tool=tools["create_refund"], state={"messages": Hostile([1])}, runtime=None)
+    out = calls_._wrap_tool_call(request, lambda req: pytest.fail("the tool ran"))
+    assert isinstance(out, ToolMessage) and out.status == "error"
+    assert "access check failed" in out.text and backend.calls == []
+
+
 # --- 3. a child agent called from a plain @tool gets its own identity ------------------------
 
 
