@@ -352,10 +352,10 @@ async def _finish(guard: Guard, ctx: Context, reason: str) -> None:
 def _asks_for(message: object, ev: ToolCallEvent) -> bool:
     if not isinstance(message, ChatMessage) or message.role != MessageRole.ASSISTANT:
         return False
-    calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
-    if ev.tool_id and any(b.tool_call_id == ev.tool_id for b in calls):
-        return True  # providers without call ids: matched by name and arguments
-    return any(b.tool_name == ev.tool_name and b.tool_kwargs == ev.tool_kwargs for b in calls)
+    # By call id; a block without one (some providers give none) by name and arguments.
+    return any(b.tool_call_id == ev.tool_id if b.tool_call_id else (
+        b.tool_name == ev.tool_name and b.tool_kwargs == ev.tool_kwargs)
+        for b in message.blocks if isinstance(b, ToolCallBlock))
 
 
 def _message_text(message: ChatMessage) -> str:
