@@ -36,7 +36,7 @@ from agentic_iam.core.identity import (
     Workload,
 )
 from agentic_iam.core.keys import KeySet
-from agentic_iam.core.mediation import ApprovalAnswer, Mediated
+from agentic_iam.core.mediation import ApprovalAnswer, Mediated, current_decision
 from agentic_iam.core.memory import DroppedItem, MemoryFiltered
 from agentic_iam.core.policy.base import PolicyEngine, PolicyRequest, PolicyResult
 from agentic_iam.core.policy.cedar import CedarEngine, generate_schema
@@ -201,6 +201,7 @@ __all__ = [
     "Workload",
     "__version__",
     "bind",
+    "current_decision",
     "current_token",
     "default_policies_dir",
     "default_registry_path",

@@ -4,8 +4,8 @@ import tempfile
 from agents import Agent, ModelResponse, Runner, Usage, function_tool
 from agents.models.interface import Model
 from agents.tracing import set_tracing_disabled
-from openai.types.responses import (ResponseFunctionToolCall, ResponseOutputMessage,
-                                    ResponseOutputText)
+from openai.types.responses import ResponseFunctionToolCall as FunctionCall
+from openai.types.responses import ResponseOutputMessage, ResponseOutputText
 
 import agentic_iam
 
@@ -19,17 +19,18 @@ def create_refund(amount: int, currency: str, account: str) -> str:
     return f"refunded {amount} {currency} to {account}"
 
 
-def refund(amount: int) -> ResponseFunctionToolCall:
-    return ResponseFunctionToolCall(type="function_call", call_id=f"c{amount}",
-                                    name="create_refund", arguments=f'{{"amount": {amount}, '
-                                    '"currency": "USD", "account": "ACC-1001"}')
+def refund(amount: int) -> FunctionCall:
+    return FunctionCall(type="function_call", call_id=f"c{amount}", name="create_refund",
+                        arguments=f'{{"amount": {amount}, "currency": "USD", '
+                                  '"account": "ACC-1001"}')
 
 
 class ScriptedModel(Model):                          # stands in for OpenAIResponsesModel
-    turns = [[refund(50), refund(500)], [ResponseOutputMessage(
-        id="m1", type="message", role="assistant", status="completed", content=[
-            ResponseOutputText(type="output_text", annotations=[],
-                               text="Refunded 50 USD; 500 was over my limit.")])]]
+    def __init__(self):
+        self.turns = [[refund(50), refund(500)], [ResponseOutputMessage(
+            id="m1", type="message", role="assistant", status="completed", content=[
+                ResponseOutputText(type="output_text", annotations=[],
+                                   text="Refunded 50 USD; 500 was over my limit.")])]]
 
     async def get_response(self, *args, **kwargs):
         return ModelResponse(output=self.turns.pop(0), usage=Usage(), response_id=None)

@@ -39,6 +39,7 @@ def test_the_two_line_start_and_the_core_api_are_public() -> None:
                 "init_project": init_project, "bind": binding.bind,
                 "current_token": binding.current_token, "Mediated": mediation.Mediated,
                 "ApprovalAnswer": mediation.ApprovalAnswer,
+                "current_decision": mediation.current_decision,
                 "MemoryFiltered": memory.MemoryFiltered, "DroppedItem": memory.DroppedItem}
     for name, obj in expected.items():
         assert name in agentic_iam.__all__, name

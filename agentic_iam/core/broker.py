@@ -414,7 +414,7 @@ class DelegationBroker:
         parent: ExecutionToken | str,
         agent: str,
         capabilities: CapabilitiesLike,
-        ttl: int | timedelta,
+        ttl: int | timedelta | None,
         budget: Budget | Mapping[str, int | None] | None = None,
         risk: int | None = None,
         *,
@@ -423,6 +423,9 @@ class DelegationBroker:
         memory_scopes: Iterable[str] | None = None,
     ) -> ExecutionToken:
         """Mint a child token for ``agent`` that is provably narrower than ``parent``.
+
+        ``ttl=None``: what is left of the parent's window, capped by ``agent``'s maximum
+        (computed from the same clock reading as the check that the child ends in time).
 
         ``memory_scopes`` default to the parent's scopes that ``agent``'s registry entry also
         has; asking for one outside either is refused.
@@ -445,7 +448,7 @@ class DelegationBroker:
             raise
 
     def _subdelegate(self, up: ExecutionIdentity, agent: str, capabilities: CapabilitiesLike,
-                     ttl: int | timedelta, budget: Budget | Mapping[str, int | None] | None,
+                     ttl: int | timedelta | None, budget: Budget | Mapping[str, int | None] | None,
                      risk: int | None, purpose: str | None, depth: int | None,
                      memory_scopes: Iterable[str] | None = None) -> ExecutionToken:
         parent_agent = self.registry.get(up.agent_id)
@@ -476,14 +479,17 @@ class DelegationBroker:
                 f"are outside the registry scopes of agent `{agent}`", limit="memory_scopes")
         caps = _capabilities(capabilities)
         if not len(caps):
-            raise WideningError("a sub-delegation needs at least one capability",
-                                widened="capability")
+            raise WideningError(
+                f"a sub-delegation needs at least one capability; nothing in the parent's grant "
+                f"applies to agent `{agent}` (its actions: "
+                f"{', '.join(sorted(spec.actions)) or 'none'})", widened="capability")
         widened = caps.widening(up.capabilities)
         if widened is not None:
             raise WideningError(f"capabilities widen the parent: {widened}", widened="capability")
         self._check_within_agent(spec, caps)
         now = int(self._clock())
-        seconds = _seconds(ttl)
+        seconds = max(1, min(up.expires_at - now, spec.max_ttl_s)) if ttl is None \
+            else _seconds(ttl)
         expires = now + seconds
         if expires > up.expires_at:
             raise WideningError(
@@ -578,15 +584,10 @@ class DelegationBroker:
         """
         token = parent.token if isinstance(parent, ExecutionToken) else parent
         up = self.verifier.verify(token)
-        spec = self._agent(agent)
         caps = _capabilities(capabilities) if capabilities is not None else (
             self.narrowed_capabilities(up, agent))
-        if not len(caps):
-            raise WideningError(
-                f"nothing in the grant applies to agent `{agent}` (its actions: "
-                f"{', '.join(sorted(spec.actions)) or 'none'})", widened="capability")
-        if ttl is None:
-            ttl = max(1, min(up.expires_at - int(self._clock()), spec.max_ttl_s))
+        # Every refusal (agent not delegable, nothing applies, ...) is decided and recorded
+        # by subdelegate, in that order.
         return self.subdelegate(token, agent, caps, ttl, budget, purpose=purpose,
                                 memory_scopes=memory_scopes)
 

@@ -19,7 +19,12 @@ result types and its native way of refusing or pausing. What happens here, once:
 
 Exactly once: a call id that already ran in this execution with the same tool and arguments is
 not run again; the earlier outcome is returned (status ``replayed``). Frameworks replay the sibling
-calls of a model turn when a paused run resumes, and a refund must not be paid twice.
+calls of a model turn when a paused run resumes, and a refund must not be paid twice. A replay that
+arrives while the first mediation of that call is still in flight (an async framework resumes
+before a sibling's tool has returned) waits for it, up to :data:`IN_FLIGHT_WAIT` seconds, and then
+returns its outcome; if the first one did not finish with a result, the replay is decided afresh
+(and refused as ``call.reused`` when the id was spent). All of this is per process: a resume in
+another process is decided afresh.
 
 What it must never do: run a tool without an ``allow`` decision for that exact call, run it with
 arguments other than the checked copy, hand the model unscreened output, or let an error become
@@ -28,10 +33,12 @@ an allow.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +71,8 @@ R = TypeVar("R")
 APPROVAL_ROUNDS = 3
 #: How many completed calls (per process) are remembered so that a replay does not run them.
 _REMEMBERED_RESULTS = 4096
+#: How long (seconds) a replay waits for the first mediation of the same call to finish.
+IN_FLIGHT_WAIT = 60.0
 
 NO_IDENTITY = ("The call to `{tool}` was refused by the access layer and was not run. Reason: "
                "this run carries no execution identity.")
@@ -178,6 +187,7 @@ class Mediator:
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self._results: OrderedDict[tuple[str, str], tuple[str, Mediated[Any]]] = OrderedDict()
+        self._in_flight: dict[tuple[str, str], tuple[object, threading.Event]] = {}
         self._lock = threading.Lock()
 
     # --- exactly once ---------------------------------------------------------------------
@@ -205,6 +215,70 @@ class Mediator:
                  key[1])
         return Mediated(earlier.decision, "replayed", earlier.value, earlier.refusal,
                         earlier.tool_failed)
+
+    @staticmethod
+    def _owner() -> object:
+        """Who runs a mediation: the asyncio task, else the thread (a nested mediation of the
+        same call by its own owner must not wait for itself)."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        return task if task is not None else threading.get_ident()
+
+    def _claim(self, key: tuple[str, str, str] | None) -> threading.Event | None:
+        """Mark this call in flight. ``None``: claimed (or nothing to claim); an event: another
+        owner's mediation of the same call id is in flight; wait for it."""
+        if key is None:
+            return None
+        owner = self._owner()
+        with self._lock:
+            held = self._in_flight.get(key[:2])
+            if held is None:
+                self._in_flight[key[:2]] = (owner, threading.Event())
+                return None
+        return None if held[0] == owner else held[1]
+
+    def _release(self, key: tuple[str, str, str] | None) -> None:
+        if key is None:
+            return
+        owner = self._owner()
+        with self._lock:
+            held = self._in_flight.get(key[:2])
+            if held is None or held[0] != owner:
+                return
+            del self._in_flight[key[:2]]
+        held[1].set()
+
+    def _begin(self, key: tuple[str, str, str] | None) -> tuple[Mediated[Any] | None, bool]:
+        """(earlier outcome, claimed) for a sync mediation."""
+        replayed = self._replayed(key)
+        if replayed is not None:
+            return replayed, False
+        busy = self._claim(key)
+        if busy is None:
+            return None, True
+        if not busy.wait(IN_FLIGHT_WAIT):
+            log.warning("call %s is still in flight after %.0f s; deciding it afresh",
+                        key[1] if key else "", IN_FLIGHT_WAIT)
+        return self._replayed(key), False
+
+    async def _abegin(self, key: tuple[str, str, str] | None) -> tuple[Mediated[Any] | None,
+                                                                     bool]:
+        """(earlier outcome, claimed) for an async mediation (waits without blocking the
+        loop: the call in flight may run on this very loop)."""
+        replayed = self._replayed(key)
+        if replayed is not None:
+            return replayed, False
+        busy = self._claim(key)
+        if busy is None:
+            return None, True
+        deadline = time.monotonic() + IN_FLIGHT_WAIT
+        delay = 0.001
+        while not busy.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return self._replayed(key), False
 
     def _remember(self, key: tuple[str, str, str] | None, done: Mediated[Any]) -> None:
         if key is None:
@@ -296,9 +370,23 @@ class Mediator:
                 paused: Callable[[BaseException], bool] | None = None,
                 agent_id: str | None = None) -> Mediated[R]:
         key = self._replay_key(token, call)
-        replayed = self._replayed(key)
-        if replayed is not None:
-            return replayed
+        earlier, claimed = self._begin(key)
+        if earlier is not None:
+            return earlier
+        try:
+            return self._mediate(token, call, key, run, screen=screen, failed=failed, ask=ask,
+                                 paused=paused, agent_id=agent_id)
+        finally:
+            if claimed:
+                self._release(key)
+
+    def _mediate(self, token: TokenLike | None, call: ToolCall,
+                 key: tuple[str, str, str] | None, run: Callable[[dict[str, Any]], T], *,
+                 screen: Callable[[T, Callable[[object], Screened]], R] | None,
+                 failed: Callable[[T], bool] | None,
+                 ask: Callable[[dict[str, Any]], object] | None,
+                 paused: Callable[[BaseException], bool] | None,
+                 agent_id: str | None) -> Mediated[R]:
         decision = self._decide_first(token, call, agent_id)
         rounds = 0
         while decision.outcome == "approval_required":
@@ -331,9 +419,24 @@ class Mediator:
                        paused: Callable[[BaseException], bool] | None = None,
                        agent_id: str | None = None) -> Mediated[R]:
         key = self._replay_key(token, call)
-        replayed = self._replayed(key)
-        if replayed is not None:
-            return replayed
+        earlier, claimed = await self._abegin(key)
+        if earlier is not None:
+            return earlier
+        try:
+            return await self._amediate(token, call, key, run, screen=screen, failed=failed,
+                                        ask=ask, paused=paused, agent_id=agent_id)
+        finally:
+            if claimed:
+                self._release(key)
+
+    async def _amediate(self, token: TokenLike | None, call: ToolCall,
+                        key: tuple[str, str, str] | None,
+                        run: Callable[[dict[str, Any]], Awaitable[T]], *,
+                        screen: Callable[[T, Callable[[object], Screened]], R] | None,
+                        failed: Callable[[T], bool] | None,
+                        ask: Callable[[dict[str, Any]], object] | None,
+                        paused: Callable[[BaseException], bool] | None,
+                        agent_id: str | None) -> Mediated[R]:
         decision = self._decide_first(token, call, agent_id)
         rounds = 0
         while decision.outcome == "approval_required":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -244,3 +245,68 @@ def test_parse_answer_and_payload_shapes(env: Env) -> None:
     payload = approval_payload(refund(200), decision)
     assert payload["approval_id"] == decision.approval_id
     assert payload["policy_ids"] == list(decision.policy_ids)
+
+
+def test_a_replay_while_the_first_run_is_in_flight_waits_for_it_async(env: Env) -> None:
+    """An async framework resumes before a sibling's tool returned: the replay waits for the
+    first run and returns its result; the tool runs once, one allow is recorded."""
+    token = env.refund_token()
+    ran: list[dict[str, Any]] = []
+
+    async def slow(arguments: dict[str, Any]) -> str:
+        ran.append(arguments)
+        await asyncio.sleep(0.05)
+        return "refunded"
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(env.guard.amediate(token, refund(50), slow),
+                                         env.guard.amediate(token, refund(50), slow)))
+
+    first, second = asyncio.run(both())
+    assert len(ran) == 1
+    assert sorted([first.status, second.status]) == ["ran", "replayed"]
+    assert first.value == second.value == "refunded"
+    assert outcomes(env) == [("call-1", "allow")]
+
+
+def test_a_replay_while_the_first_run_is_in_flight_waits_for_it_in_threads(env: Env) -> None:
+    token = env.refund_token()
+    started, release = threading.Event(), threading.Event()
+    ran: list[dict[str, Any]] = []
+
+    def slow(arguments: dict[str, Any]) -> str:
+        ran.append(arguments)
+        started.set()
+        release.wait(5)
+        return "refunded"
+
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(
+        env.guard.mediate(token, refund(50), slow)))
+    first.start()
+    assert started.wait(5)
+    second = threading.Thread(target=lambda: results.append(
+        env.guard.mediate(token, refund(50), slow)))
+    second.start()
+    second.join(0.1)
+    assert second.is_alive()  # waiting for the first run, not refused as `call.reused`
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert len(ran) == 1
+    assert [r.status for r in results] == ["ran", "replayed"]
+    assert outcomes(env) == [("call-1", "allow")]
+
+
+def test_a_replay_of_a_first_run_that_raised_is_decided_afresh_and_refused(env: Env) -> None:
+    token = env.refund_token()
+
+    def boom(arguments: dict[str, Any]) -> str:
+        raise RuntimeError("backend down")
+
+    with pytest.raises(RuntimeError):
+        env.guard.mediate(token, refund(50), boom)
+    tool = Tool()
+    done = env.guard.mediate(token, refund(50), tool)
+    assert done.status == "refused" and tool.calls == []
+    assert done.decision.reasons[0].code == "call.reused"
