@@ -35,9 +35,15 @@ What it must never do: run a tool without an ``allow`` decision for that exact c
 arguments other than the checked copy; hand the model unscreened output; let a sub-agent run
 with its parent's identity; put a token in a message or a log line; turn a refusal into a crash.
 
-Known limits: an agent that was never protected and that application code runs itself (say,
-``Runner.run(other_agent)`` inside a tool) is out of reach — the SDK has no global tool hook and
-its tracing processors cannot block — so protect every agent you run. Which call a run paused
+No escape for agents nobody protected: importing this module makes ``Agent.get_all_tools``
+(which the SDK calls before every turn and on resume) refuse, with :class:`ConfigurationError`,
+an unprotected agent while an execution identity is in scope (a token bound with ``bind`` /
+``project.delegate``, the token bound around a guarded tool's body, or a token in the run
+context): ``Runner.run(other_agent)`` inside a guarded tool stops at its first turn instead of
+calling tools unchecked. Runs with no identity in scope are left alone.
+
+Known limits: an agent subclass whose ``get_all_tools`` does not call the SDK's own is not
+covered by that check. Which call a run paused
 on, and who answered it, is kept in this process: a ``RunState`` resumed in another process gets
 the approval message for that call, whose request stays pending (``aiam approvals approve``, then
 the model's retry runs). An allowed call waits at most 120 s between ``needs_approval``
@@ -150,6 +156,31 @@ def _with_token(context: object, token: TokenLike) -> object:
     child = copy.copy(context)
     setattr(child, "aiam_token", token)  # noqa: B010 - the documented attribute
     return child
+
+
+def _install_sentinel() -> None:
+    """Make ``Agent.get_all_tools`` refuse an unprotected agent while an execution identity is in
+    scope (idempotent, process-wide).
+
+    The SDK asks every agent for its tools before each turn and on resume, so an agent nobody
+    protected (run by hand inside a guarded tool, or inside a ``delegate`` block) stops at its
+    first turn instead of calling tools unchecked. Runs without a token are unaffected.
+    """
+    original = Agent.get_all_tools
+    if getattr(original, "_aiam_sentinel", False):
+        return
+
+    async def get_all_tools(self: Agent[Any], run_context: RunContextWrapper[Any]) -> list[Any]:
+        if getattr(type(self), "_aiam_protection", None) is None and (
+                current_token() is not None
+                or _context_token(getattr(run_context, "context", None)) is not None):
+            raise ConfigurationError(
+                f"agent `{self.name}` runs under an execution identity but was never "
+                f"protected, so its tools would run unchecked: guard it with protect(...)")
+        return await original(self, run_context)
+
+    setattr(get_all_tools, "_aiam_sentinel", True)  # noqa: B010
+    Agent.get_all_tools = get_all_tools  # type: ignore[method-assign]
 
 
 def _raw(token: TokenLike) -> str:
@@ -728,3 +759,6 @@ def scoped(items: Iterable[T], *, scope_of: Callable[[T], object],
     guard, token = found
     return guard.filter_memory(token, items, scope_of=scope_of, id_of=id_of, query=query,
                                framework=FRAMEWORK)
+
+
+_install_sentinel()
