@@ -180,7 +180,7 @@ def _install_sentinel() -> None:
         return await original(self, run_context)
 
     setattr(get_all_tools, "_aiam_sentinel", True)  # noqa: B010
-    Agent.get_all_tools = get_all_tools  # type: ignore[method-assign]
+    Agent.get_all_tools = get_all_tools  # type: ignore[method-assign,assignment]
 
 
 def _raw(token: TokenLike) -> str:
