@@ -82,6 +82,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _DECIMAL_MAX = Decimal(_I64_MAX).scaleb(-4)
 _DECIMAL_MIN = Decimal(_I64_MIN).scaleb(-4)
 _ENTITY_CACHE_SIZE = 4096
+#: Decisions remembered by default (see :class:`CedarEngine`); 0 turns the cache off.
+DECISION_CACHE_SIZE = 8192
 
 # --- the schema -------------------------------------------------------------------------------
 
@@ -709,19 +711,36 @@ class CedarEngine:
     """Decide tool calls with schema-validated Cedar policies, sliced by action.
 
     Build it with :meth:`from_directory` (or :meth:`from_sources`). It is thread-safe.
+
+    Decision cache: a Cedar answer is a pure function of the policy slice, the request (principal,
+    action, resource), the entities and the context. The engine sends Cedar only the context
+    attributes the slice's policies read, so the cache key is exactly what Cedar sees: the policy
+    set and action (the slice), the tool (the resource), the execution, its agent entity and
+    attributes (trust, delegator; the registry entry by object identity, so a reloaded registry
+    never hits an old entry) and the encoded context bytes; an answer is reused only from the same
+    Cedar backend that produced it. Error answers are not cached. The
+    cache holds ``decision_cache_size`` entries (LRU; ``0`` turns it off). A hit skips the Cedar
+    call; tests check cached answers equal uncached ones over generated requests.
     """
 
     def __init__(self, policies: Iterable[PolicyInfo], schema: Mapping[str, Any], *,
                  registry: AgentRegistry | None = None, sets: Iterable[str] = (),
-                 validate_requests: bool = False) -> None:
+                 validate_requests: bool = False,
+                 decision_cache_size: int = DECISION_CACHE_SIZE) -> None:
         """Prefer :meth:`from_directory`. Every policy is validated against ``schema`` here,
         so no way of building an engine evaluates an unvalidated policy."""
         self._setup(policies, schema, registry=registry, sets=sets,
-                    validate_requests=validate_requests, validated=False)
+                    validate_requests=validate_requests, validated=False,
+                    decision_cache_size=decision_cache_size)
 
     def _setup(self, policies: Iterable[PolicyInfo], schema: Mapping[str, Any], *,
                registry: AgentRegistry | None, sets: Iterable[str], validate_requests: bool,
-               validated: bool) -> None:
+               validated: bool, decision_cache_size: int = DECISION_CACHE_SIZE) -> None:
+        if type(decision_cache_size) is not int or decision_cache_size < 0:
+            raise ValueError("decision_cache_size must be a non-negative int")
+        self._decision_cache_size = decision_cache_size
+        self._decisions: OrderedDict[tuple[Any, ...],
+                                     tuple[AgentSpec, _Backend, PolicyResult]] = OrderedDict()
         # ``validated``: the loader already validated every file (with better line numbers);
         # validating a large set costs seconds with a large schema, so not twice.
         self._policies: tuple[PolicyInfo, ...] = tuple(policies)
@@ -782,7 +801,8 @@ class CedarEngine:
     @classmethod
     def from_directory(cls, path: str | Path, registry: AgentRegistry, *,
                        schema_path: str | Path | None = None,
-                       validate_requests: bool = False) -> CedarEngine:
+                       validate_requests: bool = False,
+                       decision_cache_size: int = DECISION_CACHE_SIZE) -> CedarEngine:
         """Load ``path`` (``baseline/`` and one directory per policy set).
 
         The schema is generated from ``registry`` unless ``schema_path`` names a Cedar JSON
@@ -814,12 +834,14 @@ class CedarEngine:
         if schema_path is not None:
             schema = _read_schema(Path(schema_path))
         return cls.from_sources(sources, registry, schema=schema, root=str(root), sets=sets,
-                                validate_requests=validate_requests)
+                                validate_requests=validate_requests,
+                                decision_cache_size=decision_cache_size)
 
     @classmethod
     def from_sources(cls, sources: Mapping[str, str], registry: AgentRegistry, *,
                      schema: Mapping[str, Any] | None = None, root: str | None = None,
-                     sets: Iterable[str] = (), validate_requests: bool = False) -> CedarEngine:
+                     sets: Iterable[str] = (), validate_requests: bool = False,
+                     decision_cache_size: int = DECISION_CACHE_SIZE) -> CedarEngine:
         """Load policies given as text, keyed ``"<set>/<file>.cedar"``.
 
         ``schema`` defaults to :func:`generate_schema` of ``registry``; ``root`` only prefixes
@@ -843,7 +865,8 @@ class CedarEngine:
                                        schema=handle))
         engine = cls.__new__(cls)
         engine._setup(policies, schema, registry=registry, sets=names,
-                      validate_requests=validate_requests, validated=True)
+                      validate_requests=validate_requests, validated=True,
+                      decision_cache_size=decision_cache_size)
         return engine
 
     @staticmethod
@@ -955,13 +978,41 @@ class CedarEngine:
         context = dict(request.context)
         context["args"] = request.arguments
         encoded = json.dumps(chosen.encode(context), separators=(",", ":"))
+        key = (agent.policy_set, tool.action, tool.name, identity.execution_id, agent.id,
+               identity.agent_trust, identity.delegator_id, encoded)
+        cached = self._cached_decision(key, agent)
+        if cached is not None:
+            return cached
         answer = self._backend.authorize(
             {"principal": {"type": "Execution", "id": identity.execution_id},
              "action": plan.action_uid,
              "resource": {"type": "Tool", "id": tool.name},
              "context": encoded},
             chosen.policies, self._entities_of(identity, agent), self._request_schema)
-        return _interpret(answer, chosen, self._messages)
+        result = _interpret(answer, chosen, self._messages)
+        self._remember_decision(key, agent, result)
+        return result
+
+    def _cached_decision(self, key: tuple[Any, ...], agent: AgentSpec) -> PolicyResult | None:
+        if not self._decision_cache_size:
+            return None
+        with self._lock:
+            hit = self._decisions.get(key)
+            if hit is None or hit[0] is not agent or hit[1] is not self._backend:
+                return None
+            self._decisions.move_to_end(key)
+            return hit[2]
+
+    def _remember_decision(self, key: tuple[Any, ...], agent: AgentSpec,
+                           result: PolicyResult) -> None:
+        if not self._decision_cache_size or any(r.code == "policy.error"
+                                                for r in result.reasons):
+            return
+        with self._lock:
+            self._decisions[key] = (agent, self._backend, result)
+            self._decisions.move_to_end(key)
+            while len(self._decisions) > self._decision_cache_size:
+                self._decisions.popitem(last=False)
 
     def _slice(self, policy_set: str, action: str) -> _Slice:
         key = (policy_set, action)
@@ -1030,6 +1081,7 @@ class CedarEngine:
     def close(self) -> None:
         with self._lock:
             self._entities.clear()
+            self._decisions.clear()
 
 
 class _RequestError(Exception):
