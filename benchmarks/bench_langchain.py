@@ -45,7 +45,10 @@ from agentic_iam._resources import default_policies_dir, default_registry_path
 from agentic_iam.core.mediation import Mediated
 from agentic_iam.integrations.langchain import GuardMiddleware, IAMContext, guard_tools
 
-__all__ = ["run"]
+__all__ = ["SAMPLES", "run"]
+
+#: The raw samples (microseconds) of the last run, by case, for percentiles.
+SAMPLES: dict[str, list[float]] = {}
 
 WARMUP = 300
 BLOCK = 100
@@ -195,6 +198,8 @@ def run() -> list[tuple[str, float]]:
                 started = time.perf_counter_ns()
                 case(counter)
                 samples[name].append((time.perf_counter_ns() - started) / 1000)
+    SAMPLES.clear()
+    SAMPLES.update(samples)
     return [(name, statistics.median(values)) for name, values in samples.items()]
 
 

@@ -43,7 +43,10 @@ from agentic_iam import (
 from agentic_iam._resources import default_policies_dir, default_registry_path
 from agentic_iam.integrations.llama_index import guard_tools
 
-__all__ = ["run"]
+__all__ = ["SAMPLES", "run"]
+
+#: The raw samples (microseconds) of the last run, by case, for percentiles.
+SAMPLES: dict[str, list[float]] = {}
 
 WARMUP = 300
 BLOCK = 100
@@ -167,6 +170,8 @@ def run() -> list[tuple[str, float]]:
              "Guard by hand around FunctionTool.call", "bare FunctionTool.acall",
              "guard_tools(...) FunctionTool.acall",
              "guard only (authorize+screen+complete)"]
+    SAMPLES.clear()
+    SAMPLES.update(samples)
     return [(name, statistics.median(samples[name])) for name in order]
 
 

@@ -59,7 +59,10 @@ from agentic_iam import (
 from agentic_iam._resources import default_policies_dir, default_registry_path
 from agentic_iam.integrations.openai_agents import IAMRunContext, protect
 
-__all__ = ["run"]
+__all__ = ["SAMPLES", "run"]
+
+#: The raw samples (microseconds) of the last run, by case, for percentiles.
+SAMPLES: dict[str, list[float]] = {}
 
 WARMUP = 300
 BLOCK = 100
@@ -205,6 +208,8 @@ async def _measure() -> list[tuple[str, float]]:
                 started = time.perf_counter_ns()
                 await case(i)
                 samples[name].append((time.perf_counter_ns() - started) / 1000)
+    SAMPLES.clear()
+    SAMPLES.update(samples)
     return [(name, statistics.median(values)) for name, values in samples.items()]
 
 
