@@ -54,6 +54,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from agentic_iam.errors import StoreError, StoreStateLostError
 
 __all__ = [
+    "DEFAULT_MAX_VALUES",
     "DEFAULT_STATE_TTL_S",
     "MAX_AMOUNT",
     "MAX_TAINT_SOURCES",
@@ -64,6 +65,7 @@ __all__ = [
     "ApprovalStatus",
     "Charge",
     "Dimension",
+    "FinishRequest",
     "Outcome",
     "RateLimit",
     "SessionState",
@@ -90,6 +92,9 @@ REVOCATION_GRACE_S = 300
 
 #: Sessions and grant budgets are purged this long after their last write.
 DEFAULT_STATE_TTL_S = 86_400.0
+
+#: Default bound of a session's value index (``add_values``' ``max_values``).
+DEFAULT_MAX_VALUES = 4096
 
 #: Argument-provenance labels, best first rank highest. ``add_values`` keeps the best label.
 VALUE_LABELS: Mapping[str, int] = MappingProxyType({"untrusted": 1, "trusted": 2, "request": 3})
@@ -156,6 +161,57 @@ class AdmitRequest:
     value_digests: tuple[str, ...] = ()
     """Argument-provenance digests to look up in the same step (``AdmitResult.value_labels``),
     so that a call with target arguments still costs one round trip."""
+
+    seed_values: Mapping[str, str] = field(default_factory=dict)
+    """Digest → label to add to the session's value index (``add_values`` semantics, bound
+    ``DEFAULT_MAX_VALUES``) in the same step, only if the call is admitted, and before
+    ``value_digests`` are looked up. The Guard seeds what the delegator asked for with the
+    first admitted call of a session, so that call still costs one round trip."""
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    """Everything the end of one call changes, for ``Store.finish`` (one atomic step).
+
+    What screening observed in the tool's output (risk, labels, taint, argument provenance)
+    travels with the settlement, so a guarded call costs two round trips: ``admit`` and
+    ``finish``. With ``reservation_id`` None it only records observations (a flush).
+    """
+
+    session: str
+    """Session key of the calling execution, ``"iss|jti"`` of the root grant."""
+
+    reservation_id: str | None = None
+    """The reservation to settle or release; None: no reservation (observations only)."""
+
+    actual: Mapping[str, int] | None = None
+    """Settle with these amounts (``settle`` semantics); None: release the reservation."""
+
+    risk: int = 0
+    """Risk to add to the session (``add_risk``), whatever happens to the reservation."""
+
+    labels: tuple[str, ...] = ()
+    """Labels to add to the session (``add_risk``)."""
+
+    tainted_by: tuple[str, ...] = ()
+    """Taint sources to add, oldest first (``add_risk``, bounded by ``MAX_TAINT_SOURCES``)."""
+
+    values: Mapping[str, str] = field(default_factory=dict)
+    """Digest → label to add to the value index (``add_values``)."""
+
+    max_values: int = DEFAULT_MAX_VALUES
+    """Bound of the value index (``add_values``)."""
+
+    event: Mapping[str, Any] | None = None
+    """A JSON-serialisable event to append to the session (``append_event``), or None."""
+
+    max_events: int = 256
+    """Bound of the session's event list (``append_event``)."""
+
+    @property
+    def observes(self) -> bool:
+        """Whether it changes the session's risk, labels, taint or value index."""
+        return bool(self.risk or self.labels or self.tainted_by or self.values)
 
 
 @dataclass(frozen=True)
@@ -238,6 +294,18 @@ class Store(Protocol):
 
     def release(self, reservation_id: str) -> None:
         """Undo a reservation: amounts, call count and action count return. Idempotent."""
+        ...
+
+    def finish(self, request: FinishRequest) -> None:
+        """End one call in one atomic step (one round trip).
+
+        The observations (``risk``, ``labels``, ``tainted_by`` as ``add_risk``; ``values`` as
+        ``add_values``) are recorded unconditionally; the reservation, if named, is settled
+        with ``actual`` (``settle``) or released (``actual`` None, ``release``), an unknown or
+        expired one as those say; the ``event`` is appended (``append_event``). The request is
+        validated before anything changes. Running the same request twice settles once but may
+        add its risk twice (errs towards denying), so a caller may retry a failed ``finish``.
+        """
         ...
 
     def charge(self, grants: Sequence[str], amounts: Mapping[str, int]) -> None:
@@ -417,6 +485,34 @@ def check_admit(request: AdmitRequest) -> None:
     check_positive(request.reservation_ttl_s, "reservation_ttl_s")
     for digest in request.value_digests:
         check_key(digest, "value_digests[]")
+    check_values(request.seed_values, "seed_values")
+
+
+def check_values(values: Mapping[str, str], what: str) -> list[tuple[str, str]]:
+    """Validated ``(digest, label)`` pairs of a digest → label mapping."""
+    if not isinstance(values, Mapping):
+        raise StoreError(f"`{what}` must be a mapping of digest to label")
+    return [(check_key(d, f"{what} digest"), check_label(label)) for d, label in values.items()]
+
+
+def check_finish(request: FinishRequest) -> str | None:
+    """Validate a finish request before any state is touched; its event as JSON text."""
+    if not isinstance(request, FinishRequest):
+        raise StoreError("`request` must be a FinishRequest")
+    check_key(request.session, "session")
+    if request.reservation_id is not None:
+        check_key(request.reservation_id, "reservation_id")
+    if request.actual is not None:
+        check_amounts(request.actual, "actual")
+    check_int(request.risk, "risk")
+    for label in request.labels:
+        check_key(label, "labels[]")
+    for source in request.tainted_by:
+        check_key(source, "tainted_by[]")
+    check_values(request.values, "values")
+    check_bound(request.max_values, "max_values")
+    check_bound(request.max_events, "max_events")
+    return None if request.event is None else dump_json(request.event, "event")
 
 
 def check_label(label: object) -> str:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentic_iam.core.store.base import (
+    DEFAULT_MAX_VALUES,
     DEFAULT_STATE_TTL_S,
     EMPTY_SESSION,
     REVOCATION_GRACE_S,
     VALUE_LABELS,
     AdmitRequest,
     AdmitResult,
+    FinishRequest,
     SessionState,
     add_taint,
     approval_record,
@@ -31,11 +33,13 @@ from agentic_iam.core.store.base import (
     check_admit,
     check_amounts,
     check_bound,
+    check_finish,
     check_int,
     check_key,
     check_label,
     check_limits,
     check_positive,
+    check_values,
     distinct_grants,
     dump_json,
     gcra,
@@ -245,6 +249,7 @@ class MemoryStore:
 
     def _admit(self, request: AdmitRequest) -> AdmitResult:
         check_admit(request)
+        seeds = check_values(request.seed_values, "seed_values")
         amounts = dict(request.amounts)
         grants = distinct_grants(request.charges)
         dims = result_dims(request)
@@ -315,6 +320,8 @@ class MemoryStore:
                 expires_at=expires_at,
             )
             heapq.heappush(self._expiry, (expires_at, request.reservation_id))
+            if seeds:
+                self._add_values(session, seeds, DEFAULT_MAX_VALUES)
             return make_result("admitted", "", 0.0, current(), before)
 
     def settle(self, reservation_id: str, actual: Mapping[str, int]) -> None:
@@ -331,6 +338,34 @@ class MemoryStore:
             now = self._clock()
             self._maintain(now)
             self._finish(reservation_id, None, now)
+
+    def finish(self, request: FinishRequest) -> None:
+        """See :meth:`Store.finish`. Runs as this store's own ``settle`` (or ``release``) step
+        and then one session step under the lock: a subclass that overrides ``settle`` keeps
+        its behaviour, and a settle that raises leaves the session unchanged (so the caller's
+        retry adds nothing twice). In one process the output is not handed on before
+        ``finish`` returns, so nothing can decide on it between the two steps."""
+        event = check_finish(request)
+        values = list(request.values.items())
+        if request.reservation_id is not None:
+            if request.actual is None:
+                self.release(request.reservation_id)
+            else:
+                self.settle(request.reservation_id, request.actual)
+        if not request.observes and event is None:
+            return
+        with self._lock:
+            now = self._clock()
+            state = self._session(request.session, now)
+            state.risk += request.risk
+            state.labels.update(request.labels)
+            for source in request.tainted_by:
+                state.tainted_by = add_taint(state.tainted_by, source)
+            if values:
+                self._add_values(state, values, request.max_values)
+            if event is not None:
+                state.events.append(event)
+                del state.events[:-request.max_events]
 
     def charge(self, grants: Sequence[str], amounts: Mapping[str, int]) -> None:
         grant_keys = tuple(dict.fromkeys(check_key(g, "grants[]") for g in grants))
@@ -407,24 +442,28 @@ class MemoryStore:
         check_bound(max_values, "max_values")
         items = [(check_key(d, "digest"), check_label(label)) for d, label in digests.items()]
         with self._lock:
-            state = self._session(session, self._clock())
-            values, order = state.values, state.value_order
-            for digest, label in items:
-                old = values.get(digest)
-                best = better_label(old, label)
-                if old is not None:
-                    del order[old][digest]
-                values[digest] = best
-                order.setdefault(best, OrderedDict())[digest] = None  # re-add = newest
-            # Evict lowest rank first, oldest first within it: the attacker's own untrusted
-            # content can never push out a request or trusted value (issue 13, item 5).
-            excess = len(values) - max_values
-            for label in sorted(order, key=VALUE_LABELS.__getitem__):
-                bucket = order[label]
-                while excess > 0 and bucket:
-                    digest, _ = bucket.popitem(last=False)
-                    del values[digest]
-                    excess -= 1
+            self._add_values(self._session(session, self._clock()), items, max_values)
+
+    @staticmethod
+    def _add_values(state: _Session, items: Iterable[tuple[str, str]], max_values: int) -> None:
+        """``add_values`` on one session (lock held, items validated)."""
+        values, order = state.values, state.value_order
+        for digest, label in items:
+            old = values.get(digest)
+            best = better_label(old, label)
+            if old is not None:
+                del order[old][digest]
+            values[digest] = best
+            order.setdefault(best, OrderedDict())[digest] = None  # re-add = newest
+        # Evict lowest rank first, oldest first within it: the attacker's own untrusted
+        # content can never push out a request or trusted value (issue 13, item 5).
+        excess = len(values) - max_values
+        for label in sorted(order, key=VALUE_LABELS.__getitem__):
+            bucket = order[label]
+            while excess > 0 and bucket:
+                digest, _ = bucket.popitem(last=False)
+                del values[digest]
+                excess -= 1
 
     def value_labels(self, session: str, digests: Sequence[str]) -> Mapping[str, str]:
         check_key(session, "session")

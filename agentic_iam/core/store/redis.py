@@ -59,21 +59,25 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agentic_iam.core.store.base import (
+    DEFAULT_MAX_VALUES,
     DEFAULT_STATE_TTL_S,
     MAX_TAINT_SOURCES,
     REVOCATION_GRACE_S,
     AdmitRequest,
     AdmitResult,
+    FinishRequest,
     SessionState,
     approval_record,
     check_admit,
     check_amounts,
     check_bound,
+    check_finish,
     check_int,
     check_key,
     check_label,
     check_limits,
     check_positive,
+    check_values,
     distinct_grants,
     dump_json,
     make_result,
@@ -168,6 +172,59 @@ local function finish(id, actual)
   end
   redis.call('DEL', rk)
   return 1
+end
+
+-- add_risk on one session hash: risk, labels and taint sources (each once, the newest
+-- max_sources kept, oldest first).
+local function observe(sk, amount, labels, sources, max_sources)
+  redis.call('HINCRBY', sk, 'risk', fint(amount))
+  for _, label in ipairs(labels) do redis.call('HSET', sk, 'l:' .. label, '1') end
+  if #sources > 0 then
+    local list = {}
+    local text = redis.call('HGET', sk, 't')
+    if text then list = cjson.decode(text) end
+    local changed = false
+    for _, source in ipairs(sources) do
+      local present = false
+      for _, s in ipairs(list) do if s == source then present = true end end
+      if not present then
+        table.insert(list, source)
+        changed = true
+        while #list > max_sources do table.remove(list, 1) end
+      end
+    end
+    if changed then redis.call('HSET', sk, 't', cjson.encode(list)) end
+  end
+  redis.call('PEXPIRE', sk, fint(STATE_TTL_MS))
+end
+
+-- add_values on one session: items are {digest, label} pairs.
+local function add_values(session, items, max)
+  local rank = {untrusted = 1, trusted = 2, request = 3}
+  local SPAN = 1099511627776  -- 2**40 sequence numbers per rank; 3 * 2**40 stays below 2**53
+  local vk = P .. 'v:' .. session
+  local ok = P .. 'vr:' .. session
+  local seq = redis.call('HINCRBY', vk, 'n', #items) - #items
+  for _, pair in ipairs(items) do
+    seq = seq + 1
+    local best = redis.call('HGET', vk, 'd:' .. pair[1])
+    if (not best) or rank[pair[2]] > (rank[best] or 0) then
+      best = pair[2]
+      redis.call('HSET', vk, 'd:' .. pair[1], best)
+    end
+    -- re-added = newest within its rank; a lower rank sorts first, so eviction below takes
+    -- every untrusted value before any trusted one, and every trusted before any request
+    redis.call('ZADD', ok, fint(rank[best] * SPAN + seq), pair[1])
+  end
+  local count = redis.call('ZCARD', ok)
+  if count > max then
+    for _, digest in ipairs(redis.call('ZRANGE', ok, 0, count - max - 1)) do
+      redis.call('HDEL', vk, 'd:' .. digest)
+    end
+    redis.call('ZREMRANGEBYRANK', ok, 0, count - max - 1)
+  end
+  redis.call('PEXPIRE', vk, fint(STATE_TTL_MS))
+  redis.call('PEXPIRE', ok, fint(STATE_TTL_MS))
 end
 
 -- Release expired reservations, oldest first, at most 100 per call so a script stays short.
@@ -269,7 +326,8 @@ end
 redis.call('HSET', rk, unpack(fields))
 redis.call('PEXPIRE', rk, keep_ms)
 redis.call('ZADD', P .. 'rexp', fint(exp_ms), req.id)
--- argument provenance in the same round trip
+-- the request's seeds, then argument provenance, in the same round trip
+if #req.seed > 0 then add_values(req.session, req.seed, req.seed_max) end
 local labels = {}
 local vk = P .. 'v:' .. req.session
 for i, digest in ipairs(req.values or {}) do
@@ -289,6 +347,35 @@ if tonumber(exp) <= now_ms then
   return 0
 end
 return finish(id, cjson.decode(ARGV[4]))
+"""
+
+# One call's end (Store.finish): observations, then settle (req.actual present) or release,
+# then the event. ARGV[3] = the request as JSON, ARGV[4] = MAX_TAINT_SOURCES.
+_FINISH = r"""
+local req = cjson.decode(ARGV[3])
+local now_ms = math.floor(clock_us() / 1000)
+sweep(now_ms)
+if req.observe then
+  observe(P .. 's:' .. req.session, req.risk, req.labels, req.taint, tonumber(ARGV[4]))
+end
+if #req.values > 0 then add_values(req.session, req.values, req.max_values) end
+if req.id ~= nil then
+  local exp = redis.call('HGET', P .. 'r:' .. req.id, 'e')
+  if exp then
+    if req.actual == nil or tonumber(exp) <= now_ms then
+      finish(req.id, nil)  -- released; an expired one is never charged
+    else
+      finish(req.id, req.actual)
+    end
+  end
+end
+if req.event ~= nil then
+  local ek = P .. 'e:' .. req.session
+  redis.call('RPUSH', ek, req.event)
+  redis.call('LTRIM', ek, -req.max_events, -1)
+  redis.call('PEXPIRE', ek, fint(STATE_TTL_MS))
+end
+return 1
 """
 
 _RELEASE = r"""
@@ -317,21 +404,9 @@ return redis.call('HGETALL', P .. 'b:' .. ARGV[3])
 _ADD_RISK = r"""
 sweep(math.floor(clock_us() / 1000))
 local sk = P .. 's:' .. ARGV[3]
-redis.call('HINCRBY', sk, 'risk', ARGV[4])
-for _, label in ipairs(cjson.decode(ARGV[5])) do redis.call('HSET', sk, 'l:' .. label, '1') end
-if ARGV[6] ~= '' then
-  local sources = {}
-  local text = redis.call('HGET', sk, 't')
-  if text then sources = cjson.decode(text) end
-  local present = false
-  for _, s in ipairs(sources) do if s == ARGV[6] then present = true end end
-  if not present then
-    table.insert(sources, ARGV[6])
-    while #sources > tonumber(ARGV[7]) do table.remove(sources, 1) end
-    redis.call('HSET', sk, 't', cjson.encode(sources))
-  end
-end
-redis.call('PEXPIRE', sk, fint(STATE_TTL_MS))
+local sources = {}
+if ARGV[6] ~= '' then sources = {ARGV[6]} end
+observe(sk, tonumber(ARGV[4]), cjson.decode(ARGV[5]), sources, tonumber(ARGV[7]))
 return redis.call('HGETALL', sk)
 """
 
@@ -353,33 +428,7 @@ return redis.call('LRANGE', P .. 'e:' .. ARGV[3], 0, -1)
 """
 
 _ADD_VALUES = r"""
-local rank = {untrusted = 1, trusted = 2, request = 3}
-local SPAN = 1099511627776  -- 2**40 sequence numbers per rank; 3 * 2**40 stays below 2**53
-local vk = P .. 'v:' .. ARGV[3]
-local ok = P .. 'vr:' .. ARGV[3]
-local items = cjson.decode(ARGV[4])
-local max = tonumber(ARGV[5])
-local seq = redis.call('HINCRBY', vk, 'n', #items) - #items
-for _, pair in ipairs(items) do
-  seq = seq + 1
-  local best = redis.call('HGET', vk, 'd:' .. pair[1])
-  if (not best) or rank[pair[2]] > (rank[best] or 0) then
-    best = pair[2]
-    redis.call('HSET', vk, 'd:' .. pair[1], best)
-  end
-  -- re-added = newest within its rank; a lower rank sorts first, so eviction below takes
-  -- every untrusted value before any trusted one, and every trusted before any request
-  redis.call('ZADD', ok, fint(rank[best] * SPAN + seq), pair[1])
-end
-local count = redis.call('ZCARD', ok)
-if count > max then
-  for _, digest in ipairs(redis.call('ZRANGE', ok, 0, count - max - 1)) do
-    redis.call('HDEL', vk, 'd:' .. digest)
-  end
-  redis.call('ZREMRANGEBYRANK', ok, 0, count - max - 1)
-end
-redis.call('PEXPIRE', vk, fint(STATE_TTL_MS))
-redis.call('PEXPIRE', ok, fint(STATE_TTL_MS))
+add_values(ARGV[3], cjson.decode(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 
@@ -484,6 +533,7 @@ return out
 _SCRIPTS = {
     "admit": _ADMIT,
     "settle": _SETTLE,
+    "finish": _FINISH,
     "release": _RELEASE,
     "charge": _CHARGE,
     "remaining": _REMAINING,
@@ -693,6 +743,9 @@ class RedisStore:
                 "amounts": positive,
                 "ttl_ms": max(1, math.ceil(request.reservation_ttl_s * 1000)),
                 "values": list(request.value_digests),
+                "seed": [[d, label] for d, label in check_values(request.seed_values,
+                                                                 "seed_values")],
+                "seed_max": DEFAULT_MAX_VALUES,
             }
         )
         # The grant list is passed again as its own JSON text so the script stores it verbatim.
@@ -723,6 +776,28 @@ class RedisStore:
     def release(self, reservation_id: str) -> None:
         check_key(reservation_id, "reservation_id")
         self._call("release", reservation_id)
+
+    def finish(self, request: FinishRequest) -> None:
+        """See :meth:`Store.finish`: one script, one round trip."""
+        event = check_finish(request)
+        body: dict[str, Any] = {
+            "session": request.session,
+            "observe": request.observes,
+            "risk": request.risk,
+            "labels": sorted(set(request.labels)),
+            "taint": list(request.tainted_by),
+            "values": [[d, label] for d, label in request.values.items()],
+            "max_values": request.max_values,
+            "max_events": request.max_events,
+        }
+        # Absent, not null: cjson decodes null to a value that is true in Lua.
+        if request.reservation_id is not None:
+            body["id"] = request.reservation_id
+            if request.actual is not None:
+                body["actual"] = dict(request.actual)
+        if event is not None:
+            body["event"] = event
+        self._call("finish", json.dumps(body), str(MAX_TAINT_SOURCES))
 
     def charge(self, grants: Sequence[str], amounts: Mapping[str, int]) -> None:
         grant_keys = list(dict.fromkeys(check_key(g, "grants[]") for g in grants))

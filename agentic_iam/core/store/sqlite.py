@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agentic_iam.core.store.base import (
+    DEFAULT_MAX_VALUES,
     DEFAULT_STATE_TTL_S,
     REVOCATION_GRACE_S,
     VALUE_LABELS,
     AdmitRequest,
     AdmitResult,
+    FinishRequest,
     SessionState,
     add_taint,
     approval_record,
@@ -51,11 +53,13 @@ from agentic_iam.core.store.base import (
     check_admit,
     check_amounts,
     check_bound,
+    check_finish,
     check_int,
     check_key,
     check_label,
     check_limits,
     check_positive,
+    check_values,
     distinct_grants,
     dump_json,
     gcra,
@@ -66,7 +70,6 @@ from agentic_iam.core.store.base import (
     result_dims,
     settled_amount,
     state_lost,
-    with_value_labels,
 )
 from agentic_iam.errors import ApprovalError, StoreError, StoreUnavailableError
 
@@ -501,10 +504,9 @@ class SqliteStore:
     # --- budgets and rate limits ------------------------------------------------------------
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
-        return with_value_labels(self, request, self._admit(request))
-
-    def _admit(self, request: AdmitRequest) -> AdmitResult:
         check_admit(request)
+        seeds = check_values(request.seed_values, "seed_values")
+        wanted = list(dict.fromkeys(request.value_digests))
         amounts = dict(request.amounts)
         positive = {dim: amount for dim, amount in amounts.items() if amount > 0}
         grants = distinct_grants(request.charges)
@@ -601,7 +603,11 @@ class SqliteStore:
                     now + request.reservation_ttl_s,
                 ),
             )
-            return make_result("admitted", "", 0.0, current(), before)
+            # The request's seeds, then its provenance lookups, in the same transaction.
+            if seeds:
+                self._add_values(conn, request.session, seeds, DEFAULT_MAX_VALUES, now)
+            labels = self._value_labels(conn, request.session, wanted)
+            return make_result("admitted", "", 0.0, current(), before, labels)
 
         return self._run("admit", body)
 
@@ -666,19 +672,48 @@ class SqliteStore:
 
         def body(conn: sqlite3.Connection, now: float) -> SessionState:
             self._maintain(conn, now)
-            self._touch_session(conn, session, now)
-            row = conn.execute(
-                "SELECT labels, tainted_by FROM sessions WHERE session = ?", (session,)
-            ).fetchone()
-            new_labels = sorted(set(json.loads(row[0])) | label_set)
-            new_taint = add_taint(json.loads(row[1]), tainted_by)
-            conn.execute(
-                "UPDATE sessions SET risk = risk + ?, labels = ?, tainted_by = ? WHERE session = ?",
-                (amount, json.dumps(new_labels), json.dumps(new_taint), session),
-            )
+            self._observe(conn, session, amount, label_set,
+                          () if tainted_by is None else (tainted_by,), now)
             return self._session_state(conn, session)
 
         return self._run("add_risk", body)
+
+    def _observe(self, conn: sqlite3.Connection, session: str, amount: int,
+                 labels: Iterable[str], sources: Iterable[str], now: float) -> None:
+        """``add_risk`` inside a write transaction (arguments validated)."""
+        self._touch_session(conn, session, now)
+        row = conn.execute(
+            "SELECT labels, tainted_by FROM sessions WHERE session = ?", (session,)
+        ).fetchone()
+        new_labels = sorted(set(json.loads(row[0])) | set(labels))
+        new_taint = json.loads(row[1])
+        for source in sources:
+            new_taint = add_taint(new_taint, source)
+        conn.execute(
+            "UPDATE sessions SET risk = risk + ?, labels = ?, tainted_by = ? WHERE session = ?",
+            (amount, json.dumps(new_labels), json.dumps(new_taint), session),
+        )
+
+    def finish(self, request: FinishRequest) -> None:
+        """See :meth:`Store.finish`: one ``BEGIN IMMEDIATE`` transaction."""
+        event = check_finish(request)
+        values = list(request.values.items())
+
+        def body(conn: sqlite3.Connection, now: float) -> None:
+            self._maintain(conn, now)
+            session = request.session
+            if request.observes:
+                self._observe(conn, session, request.risk, request.labels,
+                              request.tainted_by, now)
+            if values:
+                self._add_values(conn, session, values, request.max_values, now)
+            if request.reservation_id is not None:
+                actual = None if request.actual is None else dict(request.actual)
+                self._finish(conn, request.reservation_id, actual, now)
+            if event is not None:
+                self._append_event(conn, session, event, request.max_events, now)
+
+        self._run("finish", body)
 
     def session_state(self, session: str) -> SessionState:
         check_key(session, "session")
@@ -697,15 +732,20 @@ class SqliteStore:
         text = dump_json(event, "event")
 
         def body(conn: sqlite3.Connection, now: float) -> None:
-            self._touch_session(conn, session, now)
-            conn.execute("INSERT INTO events (session, body) VALUES (?, ?)", (session, text))
-            conn.execute(
-                "DELETE FROM events WHERE session = ? AND seq <= (SELECT seq FROM events"
-                " WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (session, session, max_events),
-            )
+            self._append_event(conn, session, text, max_events, now)
 
         self._run("append_event", body)
+
+    def _append_event(self, conn: sqlite3.Connection, session: str, text: str,
+                      max_events: int, now: float) -> None:
+        """``append_event`` inside a write transaction (arguments validated)."""
+        self._touch_session(conn, session, now)
+        conn.execute("INSERT INTO events (session, body) VALUES (?, ?)", (session, text))
+        conn.execute(
+            "DELETE FROM events WHERE session = ? AND seq <= (SELECT seq FROM events"
+            " WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (session, session, max_events),
+        )
 
     def events(self, session: str) -> list[dict[str, Any]]:
         check_key(session, "session")
@@ -726,54 +766,64 @@ class SqliteStore:
         items = [(check_key(d, "digest"), check_label(label)) for d, label in digests.items()]
 
         def body(conn: sqlite3.Connection, now: float) -> None:
-            self._touch_session(conn, session, now)
-            count, seq = conn.execute(
-                "SELECT value_count, value_seq FROM sessions WHERE session = ?", (session,)
-            ).fetchone()
-            for digest, label in items:
-                seq += 1
-                row = conn.execute(
-                    "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
-                    (session, digest),
-                ).fetchone()
-                if row is None:
-                    count += 1
-                conn.execute(
-                    "INSERT OR REPLACE INTO value_labels (session, digest, label, seq)"
-                    " VALUES (?, ?, ?, ?)",
-                    (session, digest, better_label(None if row is None else row[0], label), seq),
-                )
-            if count > max_values:
-                # Lowest rank first, oldest first within it (index value_labels_evict): the
-                # attacker's own untrusted content cannot push out request or trusted values.
-                count -= conn.execute(
-                    "DELETE FROM value_labels WHERE session = ? AND digest IN (SELECT digest"
-                    f" FROM value_labels WHERE session = ? ORDER BY {_RANK_SQL}, seq LIMIT ?)",
-                    (session, session, count - max_values),
-                ).rowcount
-            conn.execute(
-                "UPDATE sessions SET value_count = ?, value_seq = ? WHERE session = ?",
-                (count, seq, session),
-            )
+            self._add_values(conn, session, items, max_values, now)
 
         self._run("add_values", body)
+
+    def _add_values(self, conn: sqlite3.Connection, session: str,
+                    items: Iterable[tuple[str, str]], max_values: int, now: float) -> None:
+        """``add_values`` inside a write transaction (arguments validated)."""
+        self._touch_session(conn, session, now)
+        count, seq = conn.execute(
+            "SELECT value_count, value_seq FROM sessions WHERE session = ?", (session,)
+        ).fetchone()
+        for digest, label in items:
+            seq += 1
+            row = conn.execute(
+                "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
+                (session, digest),
+            ).fetchone()
+            if row is None:
+                count += 1
+            conn.execute(
+                "INSERT OR REPLACE INTO value_labels (session, digest, label, seq)"
+                " VALUES (?, ?, ?, ?)",
+                (session, digest, better_label(None if row is None else row[0], label), seq),
+            )
+        if count > max_values:
+            # Lowest rank first, oldest first within it (index value_labels_evict): the
+            # attacker's own untrusted content cannot push out request or trusted values.
+            count -= conn.execute(
+                "DELETE FROM value_labels WHERE session = ? AND digest IN (SELECT digest"
+                f" FROM value_labels WHERE session = ? ORDER BY {_RANK_SQL}, seq LIMIT ?)",
+                (session, session, count - max_values),
+            ).rowcount
+        conn.execute(
+            "UPDATE sessions SET value_count = ?, value_seq = ? WHERE session = ?",
+            (count, seq, session),
+        )
 
     def value_labels(self, session: str, digests: Sequence[str]) -> Mapping[str, str]:
         check_key(session, "session")
         wanted = list(dict.fromkeys(digests))
 
         def body(conn: sqlite3.Connection, now: float) -> dict[str, str]:
-            found: dict[str, str] = {}
-            for digest in wanted:
-                row = conn.execute(
-                    "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
-                    (session, digest),
-                ).fetchone()
-                if row is not None:
-                    found[digest] = row[0]
-            return found
+            return self._value_labels(conn, session, wanted)
 
         return self._run("value_labels", body, write=False)
+
+    @staticmethod
+    def _value_labels(conn: sqlite3.Connection, session: str,
+                      wanted: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for digest in wanted:
+            row = conn.execute(
+                "SELECT label FROM value_labels WHERE session = ? AND digest = ?",
+                (session, digest),
+            ).fetchone()
+            if row is not None:
+                found[digest] = row[0]
+        return found
 
     # --- revocation ---------------------------------------------------------------------------
 
