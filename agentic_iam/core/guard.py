@@ -54,7 +54,15 @@ from agentic_iam.core.recipients import (
     recipients_context,
 )
 from agentic_iam.core.registry import AgentRegistry
-from agentic_iam.core.store.base import AdmitRequest, AdmitResult, Charge, RateLimit, Store
+from agentic_iam.core.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Charge,
+    FinishRequest,
+    RateLimit,
+    Store,
+    better_label,
+)
 from agentic_iam.core.tokens import ExecutionToken, TokenVerifier
 from agentic_iam.errors import (
     AuthorizationDenied,
@@ -63,6 +71,7 @@ from agentic_iam.errors import (
     RevokedTokenError,
     StoreError,
     StoreStateLostError,
+    StoreUnavailableError,
     TokenError,
 )
 
@@ -80,6 +89,13 @@ _MAX_USED_CALL_IDS = 200_000
 _MAX_ENDED = 50_000
 #: Attempts to record a call's spend before its execution is suspended.
 _SETTLE_ATTEMPTS = 3
+#: Sessions whose screened observations may wait in this process for their call's
+#: ``complete``; past it, ``screen`` writes the oldest session's at once.
+_MAX_UNFLUSHED_SESSIONS = 4096
+#: Observed value digests one session may hold back before ``screen`` writes them at once.
+_MAX_UNFLUSHED_VALUES = 4096
+#: How long a decision waits for its session's observations that are being written.
+_WRITE_WAIT_S = 30.0
 
 TokenLike = str | ExecutionToken | ExecutionIdentity
 T = TypeVar("T")
@@ -144,6 +160,44 @@ class _Pending:
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Observed:
+    """What screening saw in a session's tool outputs that the store does not hold yet."""
+
+    risk: int = 0
+    labels: set[str] = field(default_factory=set)
+    tainted_by: list[str] = field(default_factory=list)
+    """Taint sources, oldest first, each once."""
+    values: dict[str, str] = field(default_factory=dict)
+    """Value digest → best label."""
+
+    def add(self, risk: int, labels: Iterable[str], source: str | None,
+            values: Mapping[str, str]) -> None:
+        self.risk += risk
+        self.labels.update(labels)
+        if source is not None and source not in self.tainted_by:
+            self.tainted_by.append(source)
+        for digest, label in values.items():
+            self.values[digest] = better_label(self.values.get(digest), label)
+
+    def merge_older(self, older: _Observed) -> None:
+        """Put back ``older`` observations (a write that failed) before these."""
+        self.risk += older.risk
+        self.labels |= older.labels
+        self.tainted_by = [*older.tainted_by,
+                           *(s for s in self.tainted_by if s not in older.tainted_by)]
+        for digest, label in older.values.items():
+            self.values[digest] = better_label(self.values.get(digest), label)
+
+    def observes(self) -> bool:
+        return bool(self.risk or self.labels or self.tainted_by or self.values)
+
+    def request(self, session: str, **rest: Any) -> FinishRequest:
+        return FinishRequest(session, risk=self.risk, labels=tuple(sorted(self.labels)),
+                             tainted_by=tuple(self.tainted_by), values=dict(self.values),
+                             **rest)
+
+
 class Guard:
     """Decides every tool call of every execution. Thread-safe."""
 
@@ -185,6 +239,13 @@ class Guard:
         self._lock = threading.Lock()
         self._screen_configs: dict[tuple[str, str], ScreenConfig] = {}
         self._seeded: OrderedDict[str, None] = OrderedDict()
+        # Screened observations not yet in the store, per session (see ``screen``). Bounded:
+        # past _MAX_UNFLUSHED_SESSIONS the oldest session's are written at once.
+        self._observed: OrderedDict[str, _Observed] = OrderedDict()
+        # Sessions whose observations are being written right now (count per session), and
+        # the condition a decision of such a session waits on until they are in the store.
+        self._writing: dict[str, int] = {}
+        self._written = threading.Condition(self._lock)
         # Executions this Guard has ended (bounded), so that ending twice records once.
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._mediator = Mediator(self)
@@ -314,17 +375,23 @@ class Guard:
         amounts = self._amounts(tool, arguments)
         if isinstance(amounts, str):
             return self._deny(call, "arguments.cost", amounts, audit, identity, tool), None
-        self._seed_request_values(identity)
+        seeds = self._request_seeds(identity)
         reservation_id = "res_" + secrets.token_hex(10)
         targets = self._target_digests(tool, arguments)
         try:
+            # What earlier outputs of this session showed must be in the store before it
+            # decides (a screened call whose complete has not run yet: a by-hand caller).
+            if self._observed or self._writing:
+                self._flush(identity.session_key, wait=True)
             admitted = self.store.admit(self._admit_request(
                 identity, tool, amounts, reservation_id,
-                tuple(dict.fromkeys(d for ds in targets.values() for d in ds if d))))
+                tuple(dict.fromkeys(d for ds in targets.values() for d in ds if d)), seeds))
         except StoreStateLostError as exc:
             return self._deny(call, "store.state_lost", str(exc), audit, identity, tool), None
         except StoreError as exc:
             return self._deny(call, "store.unavailable", str(exc), audit, identity, tool), None
+        if seeds and admitted.outcome == "admitted":
+            self._seeded_now(identity)
         denial = self._admission_denial(admitted, identity, tool)
         if denial is not None:
             if admitted.outcome == "admitted":
@@ -471,7 +538,8 @@ class Guard:
 
     def _admit_request(self, identity: ExecutionIdentity, tool: ToolSpec,
                        amounts: Mapping[str, int], reservation_id: str,
-                       value_digests: tuple[str, ...] = ()) -> AdmitRequest:
+                       value_digests: tuple[str, ...] = (),
+                       seeds: Mapping[str, str] | None = None) -> AdmitRequest:
         return AdmitRequest(
             reservation_id=reservation_id,
             session=identity.session_key,
@@ -487,6 +555,7 @@ class Guard:
             amounts=amounts,
             reservation_ttl_s=self.config.reservation_ttl_s,
             value_digests=value_digests,
+            seed_values=seeds or {},
         )
 
     @staticmethod
@@ -597,22 +666,32 @@ class Guard:
         return out
 
 
-    def _seed_request_values(self, identity: ExecutionIdentity) -> None:
-        """Index what the delegator asked for (purpose, constraint values) once per session.
+    def _request_seeds(self, identity: ExecutionIdentity) -> dict[str, str] | None:
+        """What the delegator asked for (purpose, constraint values), as value digests to seed
+        in the admit step, until a call of this execution was admitted with them.
 
         Only the root execution speaks for the delegator: a child's purpose and constraint
         values were written by the parent agent, possibly from untrusted content, so they are
         never indexed as the request (the child shares the root's session and sees its values).
         """
         if identity.ancestors or identity.key in self._seeded:
-            return
+            return None
         values: list[object] = [identity.purpose]
         for capability in identity.capabilities:
             for constraint in capability.constraints.values():
                 if constraint.eq is not None:
                     values.append(constraint.eq)
                 values.extend(constraint.one_of or ())
-        self.observe(identity, values, "request")
+        digests: dict[str, str] = {}
+        for value in values:
+            for digest in ValueIndex.digests_of(value):
+                digests[digest] = "request"
+        if not digests:
+            self._seeded_now(identity)
+            return None
+        return digests
+
+    def _seeded_now(self, identity: ExecutionIdentity) -> None:
         with self._lock:
             self._seeded[identity.key] = None
             if len(self._seeded) > 10_000:
@@ -642,7 +721,19 @@ class Guard:
     # --- screening and completion -------------------------------------------------------
 
     def screen(self, decision: Decision, output: object) -> Screened:
-        """Screen a tool's output before the model sees it (never raises; blocks on error)."""
+        """Screen a tool's output before the model sees it (never raises; blocks on error).
+
+        What it observes (risk, labels, taint, the values the output names) is kept in this
+        process and written to the store with the call's :meth:`complete`, in the same round
+        trip as the settlement, so a guarded call costs two: ``authorize`` and ``complete``.
+        It is never lost and is in the store before any later decision of the session that
+        could depend on the output: :meth:`mediate` completes a call before it hands the
+        output on; a by-hand caller's next ``authorize`` of the same session in this process
+        writes what is still held first (one extra round trip, only then), and so do
+        :meth:`end_execution` and :meth:`close`. A by-hand caller that hands the output to
+        another process must call ``complete`` first. Past the bounds (sessions, values) the
+        observations are written at once, and if that fails the output is blocked.
+        """
         with self._lock:
             pending = self._pending.get(decision.ticket) if decision.ticket else None
         if pending is None or not decision.allowed:
@@ -665,11 +756,10 @@ class Guard:
         if untrusted:
             labels.add("tainted")
         try:
-            self.store.add_risk(pending.identity.session_key, result.risk, labels,
-                                tainted_by=f"tool:{tool.name}#{decision.call_id}"
-                                if untrusted else None)
-            if not result.blocked:
-                self._observe_output(pending, result.text, untrusted)
+            values = {} if result.blocked else self._output_values(pending, result.text,
+                                                                   untrusted)
+            self._hold(pending.identity.session_key, result.risk, labels,
+                       f"tool:{tool.name}#{decision.call_id}" if untrusted else None, values)
         except Exception as exc:  # taint that cannot be recorded blocks the output
             # Taint that cannot be recorded must not be silently dropped: block the output.
             result = ScreenResult(
@@ -680,8 +770,8 @@ class Guard:
         pending.screened = result
         return Screened(result.text, result)
 
-    def _observe_output(self, pending: _Pending, text: str, untrusted: bool) -> None:
-        """Index what the output names, as trusted or untrusted content.
+    def _output_values(self, pending: _Pending, text: str, untrusted: bool) -> dict[str, str]:
+        """What the output names, as trusted or untrusted content (digest → label).
 
         A tool that repeats its own arguments ("no article matches 'ACC-666'") is not a source
         for them: values that were arguments of this call keep the label they had, so a trusted
@@ -691,9 +781,96 @@ class Guard:
         if not untrusted:
             echoed = set(ValueIndex.digests_of(pending.arguments))
             digests = [d for d in digests if d not in echoed]
-        if digests:
-            source = "untrusted" if untrusted else "trusted"
-            self.store.add_values(pending.identity.session_key, dict.fromkeys(digests, source))
+        return dict.fromkeys(digests, "untrusted" if untrusted else "trusted")
+
+    def _hold(self, session: str, risk: int, labels: Iterable[str], source: str | None,
+              values: Mapping[str, str]) -> None:
+        """Keep a screen's observations for the session's next write (see :meth:`screen`)."""
+        over: list[str] = []
+        with self._lock:
+            observed = self._observed.get(session)
+            if observed is None:
+                observed = self._observed[session] = _Observed()
+            observed.add(risk, labels, source, values)
+            if len(observed.values) > _MAX_UNFLUSHED_VALUES:
+                over.append(session)
+            while len(self._observed) - len(over) > _MAX_UNFLUSHED_SESSIONS:
+                oldest = next(iter(self._observed))
+                over.append(oldest)
+                self._observed.move_to_end(oldest)
+        for key in over:
+            self._flush(key)
+
+    def _take_observed(self, session: str) -> _Observed | None:
+        """The session's held observations, now marked as being written: the caller must
+        end with :meth:`_written_back` (whether the write worked or not)."""
+        with self._lock:
+            observed = self._observed.pop(session, None)
+            if observed is not None:
+                self._writing[session] = self._writing.get(session, 0) + 1
+            return observed
+
+    def _written_back(self, session: str, failed: _Observed | None = None) -> None:
+        """A write of held observations ended; ``failed``: it did not reach the store, so
+        they are held again for the session's next write."""
+        with self._lock:
+            if failed is not None:
+                newer = self._observed.get(session)
+                if newer is None:
+                    self._observed[session] = failed
+                else:
+                    newer.merge_older(failed)
+            left = self._writing.get(session, 0) - 1
+            if left > 0:
+                self._writing[session] = left
+            else:
+                self._writing.pop(session, None)
+            self._written.notify_all()
+
+    def _flush(self, session: str, *, wait: bool = False) -> None:
+        """Write the session's held observations now (one round trip); raises if it fails,
+        and then keeps them for the next attempt. ``wait``: first wait for writes of this
+        session that are in flight (a decision must not overtake them)."""
+        if wait:
+            with self._lock:
+                deadline = time.monotonic() + _WRITE_WAIT_S
+                while session in self._writing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StoreUnavailableError(
+                            "the session's earlier observations are still being written")
+                    self._written.wait(left)
+        observed = self._take_observed(session)
+        if observed is None:
+            return
+        try:
+            self._store_finish(observed.request(session))
+        except BaseException:
+            self._written_back(session, observed)
+            raise
+        self._written_back(session)
+
+    def _store_finish(self, request: FinishRequest) -> None:
+        finish = getattr(self.store, "finish", None)
+        if finish is not None:
+            finish(request)
+            return
+        # A Store written before ``finish`` existed: the same changes, in its own steps.
+        if request.reservation_id is not None:
+            if request.actual is None:
+                self.store.release(request.reservation_id)
+            else:
+                self.store.settle(request.reservation_id, request.actual)
+        if request.observes:
+            for source in request.tainted_by or (None,):
+                self.store.add_risk(request.session, request.risk, request.labels, source)
+                request = replace(request, risk=0)
+            if request.values:
+                self.store.add_values(request.session, request.values,
+                                      max_values=request.max_values)
+        if request.event is not None:
+            self.store.append_event(request.session, request.event,
+                                    max_events=request.max_events)
 
     def complete(self, decision: Decision,
                  outcome: Literal["success", "error", "cancelled"] = "success",
@@ -715,25 +892,32 @@ class Guard:
         if actual_cost is not None and type(actual_cost) is int and actual_cost >= 0:
             amounts["cost"] = min(actual_cost, amounts["cost"])
         charged = outcome != "cancelled"
-        if charged:
-            failure = self._settle(pending.reservation_id, amounts)
-            if failure is not None:
-                self._suspend(pending.identity,
-                              f"the spend of call `{decision.call_id}` could not be recorded "
-                              f"({failure}); the execution is suspended", decision)
-        else:
-            self._release_quietly(pending.reservation_id)
+        if not charged:
             with self._lock:
                 # The call never ran: a framework that replays a paused step may ask again.
                 self._used_calls.pop((pending.identity.key, pending.call.call_id or ""), None)
+        # One round trip: the session's held observations, the settlement (or release) and
+        # the call's event, in one atomic store step.
+        session = pending.identity.session_key
+        held = self._take_observed(session)
+        observed = held or _Observed()
+        failure: str | None = "interrupted"
         try:
-            self.store.append_event(pending.identity.session_key, {
-                "call_id": decision.call_id, "tool": pending.tool.name,
-                "action": pending.tool.action, "outcome": outcome,
-                "time": int(self._clock()),
-            }, max_events=self.config.session_events)
-        except StoreError as exc:
-            log.warning("could not record call %s in the session: %s", decision.call_id, exc)
+            failure = self._finish_call(observed.request(
+                session, reservation_id=pending.reservation_id,
+                actual=amounts if charged else None,
+                event={"call_id": decision.call_id, "tool": pending.tool.name,
+                       "action": pending.tool.action, "outcome": outcome,
+                       "time": int(self._clock())},
+                max_events=self.config.session_events), charged)
+        finally:
+            if held is not None:
+                # On failure the observations are held again: written with the next call.
+                self._written_back(session, held if failure is not None else None)
+        if failure is not None and charged:
+            self._suspend(pending.identity,
+                          f"the spend of call `{decision.call_id}` could not be recorded "
+                          f"({failure}); the execution is suspended", decision)
         if self.recorder is not None:
             screened = pending.screened
             state = self._session_after(pending, amounts if charged else None)
@@ -758,18 +942,21 @@ class Guard:
         and its call id back. Only adapters call this, never on the model's word."""
         self.complete(decision, "cancelled")
 
-    def _settle(self, reservation_id: str, amounts: Mapping[str, int]) -> str | None:
-        """Settle, retrying a failing store; the last failure's description, or None."""
+    def _finish_call(self, request: FinishRequest, charged: bool) -> str | None:
+        """End a call in the store, retrying a failing store when it spent something; the
+        last failure's description, or None. A retry after a lost reply settles once but may
+        add the observed risk twice, which errs towards denying."""
         failure: str | None = None
-        for attempt in range(_SETTLE_ATTEMPTS):
+        attempts = _SETTLE_ATTEMPTS if charged else 1
+        for attempt in range(attempts):
             try:
-                self.store.settle(reservation_id, amounts)
+                self._store_finish(request)
                 return None
             except Exception as exc:  # retried, then the execution is suspended
                 failure = f"{type(exc).__name__}: {exc}"
-                log.warning("settling %s failed (attempt %d): %s", reservation_id,
+                log.warning("finishing %s failed (attempt %d): %s", request.reservation_id,
                             attempt + 1, failure)
-                if attempt + 1 < _SETTLE_ATTEMPTS:
+                if attempt + 1 < attempts:
                     time.sleep(0.05 * (attempt + 1))
         return failure
 
@@ -825,6 +1012,11 @@ class Guard:
                 self.complete(Decision("allow", (), pending.call.call_id or "", pending.tool.name,
                                        pending.tool.action, pending.identity.execution_id,
                                        ticket=ticket), "error")
+        try:  # what its screened calls observed outlives it: the session may go on
+            self._flush(identity.session_key)
+        except Exception as exc:  # kept; written with the session's next call
+            log.warning("could not write the observations of session %s: %s",
+                        identity.session_key, type(exc).__name__)
         if self.recorder is not None:
             audit: dict[str, Any] = {}
             self._identity_audit(identity, audit)
@@ -1010,6 +1202,14 @@ class Guard:
         return config
 
     def close(self) -> None:
+        with self._lock:
+            sessions = list(self._observed)
+        for session in sessions:
+            try:
+                self._flush(session)
+            except Exception as exc:  # nothing later can decide in this Guard
+                log.warning("could not write the observations of session %s at close: %s",
+                            session, type(exc).__name__)
         self.policy.close()
         self.store.close()
         if self.recorder is not None:
