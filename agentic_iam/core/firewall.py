@@ -79,7 +79,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from agentic_iam.core.redaction import bytes_to_text as _bytes_to_text
 from agentic_iam.core.redaction import readable as _readable
@@ -884,20 +884,157 @@ _PHRASE_SIGNALS = _INSTRUCTION + _ROLE_MARKER + _TOOL_CALL
 _MAX_MATCHES = 100
 
 
+# --- the phrase pre-filter -------------------------------------------------------------------
+# Running 28 patterns over every view of every output was most of the firewall's cost, and on
+# ordinary text almost none of them can match. Each pattern's parse tree is read once, at import,
+# for the literal strings a match cannot avoid: a conjunction of clauses, each clause a set of
+# strings one of which every match contains ("ignore" or "disregard" or …, and "instruction" or
+# "rule" or …). A pattern runs only on a view that holds a string of each of its clauses; one
+# that cannot match is skipped, so the counts are exactly those of running every pattern. The
+# derivation only ever drops requirements it cannot prove (lookarounds, optional parts,
+# character classes, case-insensitive groups, anything unknown), so it errs toward running.
+
+_Clauses = tuple[frozenset[str], ...]
+_MAX_CLAUSES = 3  # the most selective clauses are enough; more only costs substring tests
+
+
+def _required(items: Sequence[tuple[Any, Any]]) -> list[frozenset[str]]:
+    """Clauses of strings that every match of the parsed sequence ``items`` contains.
+
+    ``items`` is a parse tree of the standard library's private regex parser (untyped).
+    """
+    clauses: list[frozenset[str]] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            clauses.append(frozenset({"".join(run)}))
+            run.clear()
+
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            run.append(chr(arg))  # the argument is a code point
+            continue
+        flush()
+        if name == "SUBPATTERN":
+            _group, add_flags, _del_flags, sub = arg
+            if not add_flags & re.IGNORECASE:  # a case-insensitive literal is no literal
+                clauses += _required(sub)
+        elif name == "ATOMIC_GROUP":
+            clauses += _required(arg)
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, _high, sub = arg
+            if low >= 1:
+                clauses += _required(sub)
+        elif name == "BRANCH":
+            _none, alternatives = arg
+            union: set[str] = set()
+            for alternative in alternatives:
+                best = _best(_required(alternative))
+                if best is None:  # one alternative needs nothing: neither does the branch
+                    break
+                union |= best
+            else:
+                clauses.append(frozenset(union))
+        # AT, ASSERT, ASSERT_NOT, IN, ANY, NOT_LITERAL, CATEGORY, GROUPREF…: no requirement.
+    flush()
+    return clauses
+
+
+def _selectivity(clause: frozenset[str]) -> tuple[int, int]:
+    # Longer shortest strings are rarer in prose; fewer strings are fewer substring tests.
+    return (min(len(s) for s in clause), -len(clause))
+
+
+def _minimal_clause(clause: frozenset[str]) -> frozenset[str]:
+    """The same requirement with fewer tests: a string that contains another one of the clause
+    is present only when that one is ("instructions" needs "instruction")."""
+    return frozenset(s for s in clause if not any(o != s and o in s for o in clause))
+
+
+def _best(clauses: list[frozenset[str]]) -> frozenset[str] | None:
+    return max(clauses, key=_selectivity) if clauses else None
+
+
+def _prefilter(pattern: re.Pattern[str]) -> _Clauses:
+    """The clauses ``pattern`` requires, most selective first; ``()`` means "always run"."""
+    if pattern.flags & re.IGNORECASE:
+        return ()
+    try:
+        try:
+            from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python 3.11+
+        except ImportError:  # pragma: no cover - Python 3.10
+            import sre_parse
+        clauses = _required(list(sre_parse.parse(pattern.pattern, pattern.flags)))
+    except Exception:  # pragma: no cover - an unknown parse tree: run the pattern always
+        return ()
+    # One-character strings are in nearly every text: such a clause selects nothing.
+    useful = {_minimal_clause(c) for c in clauses if min(len(s) for s in c) >= 2}
+    kept = sorted(useful, key=_selectivity, reverse=True)[:_MAX_CLAUSES]
+    # The clause with the fewest strings first: it rejects a view with the fewest tests.
+    return tuple(sorted(kept, key=len))
+
+
+_PHRASE_CLAUSES: tuple[_Clauses, ...] = tuple(_prefilter(s.pattern) for s in _PHRASE_SIGNALS)
+
+# A string of ASCII letters, digits and "_" only lies inside one word of the text wherever it
+# occurs, so it is searched for in the text's distinct words (joined by spaces): far shorter
+# than the text, which repeats its words. Any other string is searched for in the text itself.
+_WORD_BYTES = bytes(b if chr(b).isascii() and (chr(b).isalnum() or chr(b) == "_") else 0x20
+                    for b in range(256))
+_WORD = re.compile(r"\w+")
+
+
+def _in_words(literal: str) -> bool:
+    return all(c.isascii() and (c.isalnum() or c == "_") for c in literal)
+
+
+_ALL_LITERALS = {literal for clauses in _PHRASE_CLAUSES for clause in clauses
+                 for literal in clause}
+_WORD_LITERALS = tuple(sorted(lit for lit in _ALL_LITERALS if _in_words(lit)))
+_OTHER_LITERALS = tuple(sorted(lit for lit in _ALL_LITERALS if not _in_words(lit)))
+
+
+def _distinct_words(folded: str) -> str:
+    if folded.isascii():
+        return b" ".join(set(folded.encode("ascii").translate(_WORD_BYTES).split())).decode()
+    # \w+ runs hold every ASCII word character too, so the test stays sound.
+    return " ".join(set(_WORD.findall(folded)))
+
+
+def _present(folded: str) -> set[str]:
+    """The pre-filter strings ``folded`` holds."""
+    words = _distinct_words(folded)
+    found = set(filter(words.__contains__, _WORD_LITERALS))
+    found.update(filter(folded.__contains__, _OTHER_LITERALS))
+    return found
+
+
 def _scan_phrases(text: str) -> Counter[tuple[str, str]]:
     """(kind, signal name) → matches, the most found in any one view."""
     hits: Counter[tuple[str, str]] = Counter()
     for _view, folded in _views(text):
-        for signal in _PHRASE_SIGNALS:
-            n = 0
-            for _ in signal.pattern.finditer(folded):
-                n += 1
-                if n >= _MAX_MATCHES:
+        present = _present(folded)
+        for signal, clauses in zip(_PHRASE_SIGNALS, _PHRASE_CLAUSES, strict=True):
+            for clause in clauses:
+                if present.isdisjoint(clause):
                     break
-            key = (signal.kind, signal.name)
-            if n > hits[key]:
-                hits[key] = n
+            else:
+                _count(signal, folded, hits)
     return hits
+
+
+def _count(signal: _Signal, folded: str, hits: Counter[tuple[str, str]]) -> None:
+    # Reached only when the pre-filter allows a match; a skipped signal counts 0, as it would.
+    n = 0
+    for _ in signal.pattern.finditer(folded):
+        n += 1
+        if n >= _MAX_MATCHES:
+            break
+    key = (signal.kind, signal.name)
+    if n > hits[key]:
+        hits[key] = n
 
 
 # Encoded payloads. Candidates are cheap to find; decoding is bounded per run and per text.
