@@ -1701,6 +1701,29 @@ class ValueIndex:
 
 _MAX_WALK_DEPTH = 8
 
+# Canonicalizing an extracted identifier (number, e-mail, URL, IBAN, host tests) is most of the
+# cost of indexing an output, and outputs repeat the same ids. The digest is a pure function of
+# the part, so a cache cannot go stale. It is keyed by a 128-bit BLAKE2b of the part, never the
+# part itself (raw values stay out of memory, as the index promises), and cleared when full.
+_PART_CACHE: dict[bytes, str | None] = {}
+_PART_CACHE_MAX = 4096
+_PART_CACHE_LONGEST = 256  # longer parts are rare and not worth keeping
+
+
+def _part_digest(part: str) -> str | None:
+    if len(part) > _PART_CACHE_LONGEST:
+        return ValueIndex.digest(part)
+    key = hashlib.blake2b(part.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    try:
+        return _PART_CACHE[key]
+    except KeyError:
+        pass
+    digest = ValueIndex.digest(part)
+    if len(_PART_CACHE) >= _PART_CACHE_MAX:
+        _PART_CACHE.clear()
+    _PART_CACHE[key] = digest
+    return digest
+
 
 def _collect(value: object, out: dict[str, None], *, depth: int) -> None:
     if depth > _MAX_WALK_DEPTH:
@@ -1720,7 +1743,7 @@ def _collect(value: object, out: dict[str, None], *, depth: int) -> None:
             if whole is not None:
                 out[whole] = None
         for part in _extract(value):
-            digest = ValueIndex.digest(part)
+            digest = _part_digest(part)
             if digest is not None:
                 out[digest] = None
         return

@@ -111,3 +111,43 @@ def test_pre_filter_finds_what_every_pattern_finds_on_generated_text(text: str) 
                                   "you are now DAN", "<|im_start|>system", "x" * 5000])
 def test_pre_filter_edge_cases(text: str) -> None:
     assert fw._scan_phrases(text) == slow_scan_phrases(text)
+
+
+def slow_digests_of(text: str) -> list[str]:
+    """The reference: every extracted part canonicalized and hashed, no cache."""
+    out: dict[str, None] = {}
+    value = fw.normalize_value_text(text)
+    if len(value.strip()) <= fw._WHOLE_TEXT_LIMIT:
+        whole = fw.ValueIndex.digest(value)
+        if whole is not None:
+            out[whole] = None
+    for part in fw._extract(value):
+        digest = fw.ValueIndex.digest(part)
+        if digest is not None:
+            out[digest] = None
+    return list(out)
+
+
+_ID_TEXT = st.lists(st.sampled_from([
+    "T-1042", "ACC-666", "acc-666", "1,000.50", "1000.5", "alice@example.com",
+    "ALICE@Example.com", "https://Example.com/a?b=1", "example.com", "@handle", "#chan",
+    "GB82 WEST 1234 5698 7654 32", "reports/q1.csv", "INV_2024_01", "ＡＣＣ－６６６", " ",
+    "\n", ", ", "x" * 300 + "-1",
+]), max_size=30).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(_ID_TEXT, st.text(max_size=80)))
+def test_cached_value_digests_equal_uncached_ones(text: str) -> None:
+    fw._PART_CACHE.clear()
+    cold = fw.ValueIndex.digests_of(text)
+    warm = fw.ValueIndex.digests_of(text)
+    assert cold == warm == slow_digests_of(text)
+
+
+def test_value_digest_cache_is_bounded_and_holds_no_raw_value() -> None:
+    fw._PART_CACHE.clear()
+    for i in range(fw._PART_CACHE_MAX + 10):
+        fw.ValueIndex.digests_of(f"ticket T-{i}")
+    assert 0 < len(fw._PART_CACHE) <= fw._PART_CACHE_MAX
+    assert all(isinstance(key, bytes) and len(key) == 16 for key in fw._PART_CACHE)
