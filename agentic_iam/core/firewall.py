@@ -1296,6 +1296,25 @@ def unspotlight(wrapped: str) -> str:
 # --- the firewall ----------------------------------------------------------------------------
 
 _MARKUP_PASSES = 8
+# Characters past the size cut that the heuristic still reads, so that a phrase or an encoded
+# run that starts before the cut is seen whole (the phrase patterns' gaps are far shorter).
+_DETECT_SLACK = 4096
+
+
+def _detection_input(output: str, screened: str, max_chars: int) -> str:
+    """What the injection heuristic reads: the output, or only its head when that is provably
+    all the model will see.
+
+    When the screened text's first ``max_chars`` characters are the raw output's first
+    ``max_chars`` (nothing was removed or replaced there), the model sees exactly that head, so
+    reading ``max_chars + _DETECT_SLACK`` characters finds everything it could be shown; an
+    output longer than that no longer costs a scan of text that is cut away. Otherwise (content
+    moved: the visible text may come from further on) the whole output is read, as before.
+    """
+    window = max_chars + _DETECT_SLACK
+    if len(output) <= window or screened[:max_chars] != output[:max_chars]:
+        return output
+    return output[:window]
 
 
 class Firewall:
@@ -1342,7 +1361,8 @@ class Firewall:
                 # The heuristic reads the output as written (before redaction and markup
                 # removal can swallow an encoded payload); it reports signal names, never
                 # content. Classifiers get the redacted text: one may be a remote service.
-                self._detect(output, [h for _, h in stripped.hidden], text, tally)
+                self._detect(_detection_input(output, text, config.max_chars),
+                             [h for _, h in stripped.hidden], text, tally)
             step = "size_limit"
             text = self._limit(text, config.max_chars, tally)
             step = "spotlighting"
