@@ -59,7 +59,9 @@ File format (one JSON object per line, UTF-8, ``\\n``-terminated)
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -88,6 +90,11 @@ from agentic_iam.errors import AuditError, AuditIntegrityError, KeySetError, Mis
 
 if sys.platform != "win32":
     import fcntl
+
+try:  # an optional speedup for canonical JSON; the bytes are the same without it
+    _orjson: Any = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
@@ -157,6 +164,13 @@ _CHAIN_KEYS: Final = frozenset({"sequence", "prev", "hash"})
 # --- canonical JSON and digests --------------------------------------------------------------
 
 
+# json.dumps builds a JSONEncoder per call when given options; one built once with the same
+# options produces the same bytes by construction, without that cost.
+_CANONICAL: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> bytes:
     """The canonical UTF-8 JSON bytes of ``value``: sorted keys, no spaces, no NaN/Infinity.
 
@@ -164,9 +178,7 @@ def canonical_json(value: Any) -> bytes:
     surrogates), because a record we cannot reproduce byte for byte cannot be verified.
     """
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        return _CANONICAL.encode(value).encode("utf-8")
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise AuditError(f"value is not JSON-safe: {redact_secrets(str(exc))}") from None
 
@@ -204,6 +216,29 @@ def json_safe(value: Any) -> Any:
 # it here. redact_secrets is re-exported from this module (it is part of its API).
 
 
+# Strings redact_secrets left unchanged, so that the identity, tool and session strings every
+# event repeats are scanned once. Only clean strings are kept (never a secret), each at most
+# _CLEAN_MAX_CHARS long and at most _CLEAN_MAX_ENTRIES of them (oldest dropped first). The
+# answer depends on nothing but the string, so an entry can never be stale.
+_CLEAN_STRINGS: dict[str, None] = {}
+_CLEAN_MAX_CHARS: Final = 2048
+_CLEAN_MAX_ENTRIES: Final = 2048
+
+
+def _redacted(text: str) -> str:
+    """:func:`redact_secrets` of ``text``, remembering the strings it leaves unchanged."""
+    if text in _CLEAN_STRINGS:
+        return text
+    clean = redact_secrets(text)
+    if clean == text and len(text) <= _CLEAN_MAX_CHARS:
+        if len(_CLEAN_STRINGS) >= _CLEAN_MAX_ENTRIES:
+            # Another thread may have dropped it first.
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):
+                del _CLEAN_STRINGS[next(iter(_CLEAN_STRINGS))]
+        _CLEAN_STRINGS[text] = None
+    return clean
+
+
 def _secret_field(key: Any, item: Any) -> str | None:
     """``[REDACTED:<kind>]`` for a string stored under a key that names a secret, else None."""
     if not isinstance(key, str) or not isinstance(item, str) or not item:
@@ -218,7 +253,7 @@ def _scrub(value: Any) -> tuple[Any, bool]:
     """Apply :func:`redact_secrets` to every string (keys included) of a JSON value, and
     replace whole every string stored under a key that names a secret (``"password"``)."""
     if isinstance(value, str):
-        clean = redact_secrets(value)
+        clean = _redacted(value)
         return clean, clean != value
     if isinstance(value, dict):
         changed = False
@@ -409,7 +444,15 @@ def _utc_now() -> datetime:
 def _format_time(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise AuditError("audit clock returned a naive datetime; it must be timezone-aware")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    if moment.year < 1000:  # strftime does not pad such years; the schema then refuses them
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # What strftime("%Y-%m-%dT%H:%M:%S.%fZ") writes, at a third of its cost.
+    return (
+        f"{moment.year}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}Z"
+    )
 
 
 # Events already scrubbed, so that the sinks behind a Recorder do not scrub them again. Keyed by
@@ -447,6 +490,323 @@ def _scrubbed_event(event: AuditEvent, *, message_is_clean: bool = False) -> Aud
     return clean
 
 
+# --- the fast path: events the library builds itself ------------------------------------------
+#
+# The Guard records two events per tool call from values it built (strings, ints, lists and
+# dicts of them). Validating those through pydantic, dumping them back to JSON and then
+# scanning the whole JSON for secrets cost most of the audit time. _fast_body builds the same
+# JSON object directly: it accepts only exact built-in types in the shapes AuditEvent declares,
+# applies the same checks, defaults and coercions, and redacts every string on the way (each
+# string once, see _redacted). Anything else — a model instance, a str subclass, a NaN, a field
+# it does not know — returns None and the event takes the validated path, which raises the
+# usual AuditError for invalid input. A property test holds the two paths to the same bytes.
+
+
+class _Fallback(Exception):
+    """The fields are not in the subset the fast path handles: validate them instead."""
+
+
+_HEX64: Final = re.compile(_HEX64_RE)
+_TIME_FORMAT: Final = re.compile(_TIME_RE)
+_EVENT_TYPE_SET: Final = frozenset(EVENT_TYPES)
+_PRINCIPAL_TYPES: Final = frozenset({"human", "workload", "agent"})
+_DECISION_OUTCOMES: Final = frozenset({"allow", "deny", "approval_required"})
+_RESULT_OUTCOMES: Final = frozenset({"success", "error", "blocked", "cancelled"})
+_PLAIN_STR_FIELDS: Final = frozenset({
+    "execution_id", "parent_execution_id", "jti", "issuer", "delegator", "agent_id",
+    "agent_name", "purpose", "tool", "action", "call_id", "framework",
+})
+_FIELD_NAMES: Final = frozenset(AuditEvent.model_fields) - {
+    "schema_version", "time", "sequence", "event_type"}
+_HOP_KEYS: Final = frozenset({"principal_type", "id", "execution_id"})
+_REASON_KEYS: Final = frozenset({"code", "message", "policy_id"})
+_DECISION_KEYS: Final = frozenset({"outcome", "reasons", "policy_ids"})
+_RESULT_KEYS: Final = frozenset(
+    {"outcome", "duration_ms", "output_digest", "output_labels", "budget_settled", "error"}
+)
+_SESSION_KEYS: Final = frozenset(
+    {"call_count", "risk", "risk_envelope", "budget_remaining", "labels", "tainted"}
+)
+_REASONING_KEYS: Final = frozenset(
+    {"message", "truncated", "model", "run_id", "parent_run_id", "response_id"}
+)
+_REASONING_TEXT: Final = ("message", "model", "run_id", "parent_run_id", "response_id")
+_TRACE_KEYS: Final = frozenset({"trace_id", "span_id"})
+_MAX_EXACT_FLOAT_INT: Final = 2**53
+
+
+class _Scrubber:
+    """Redacts the strings of one event as it is built; remembers whether anything changed."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self) -> None:
+        self.changed = False
+
+    def text(self, value: Any) -> str:
+        if type(value) is not str:
+            raise _Fallback
+        clean = _redacted(value)
+        if clean is not value and clean != value:
+            self.changed = True
+        return clean
+
+    def optional_text(self, value: Any) -> str | None:
+        return None if value is None else self.text(value)
+
+    def texts(self, value: Any) -> list[str]:
+        if type(value) is not list and type(value) is not tuple:
+            raise _Fallback
+        return [self.text(item) for item in value]
+
+    def key(self, key: Any) -> str:
+        return self.text(key)
+
+    def field(self, key: str, item: str) -> str:
+        """A string stored under ``key`` in a free-form mapping (see :func:`_scrub`)."""
+        hidden = _secret_field(key, item)
+        if hidden is not None:
+            self.changed = True
+            return hidden
+        return self.text(item)
+
+    def ints(self, value: Any, *, optional: bool) -> dict[str, int | None]:
+        if type(value) is not dict:
+            raise _Fallback
+        out: dict[str, int | None] = {}
+        for key, item in value.items():
+            if type(item) is not int and not (optional and item is None):
+                raise _Fallback
+            out[self.key(key)] = item
+        return out
+
+    def json_value(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is str:
+            return self.text(value)
+        if value is None or kind is int or kind is bool:
+            return value
+        if kind is float:
+            if value != value or value in (float("inf"), float("-inf")):
+                raise _Fallback
+            return value
+        if kind is list:
+            return [self.json_value(item) for item in value]
+        if kind is dict:
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _Fallback
+                hidden = _secret_field(key, item)
+                if hidden is not None:
+                    self.changed = True
+                    out[self.key(key)] = hidden
+                else:
+                    out[self.key(key)] = self.json_value(item)
+            return out
+        raise _Fallback
+
+
+def _mapping(value: Any, allowed: frozenset[str]) -> dict[str, Any]:
+    if type(value) is not dict or not allowed.issuperset(value):
+        raise _Fallback
+    return value
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is not None and type(value) is not int:
+        raise _Fallback
+    return value
+
+
+def _fast_part(name: str, value: Any, scrub: _Scrubber) -> Any:
+    """The JSON form of one event field, as ``AuditEvent(...).to_json_dict()`` holds it."""
+    if name in _PLAIN_STR_FIELDS:
+        return scrub.text(value)
+    if name == "chain":
+        if type(value) is not list and type(value) is not tuple:
+            raise _Fallback
+        hops = []
+        for hop in value:
+            hop = _mapping(hop, _HOP_KEYS)
+            principal = hop.get("principal_type")
+            if type(principal) is not str or principal not in _PRINCIPAL_TYPES:
+                raise _Fallback
+            out: dict[str, Any] = {"principal_type": principal,
+                                   "id": scrub.text(hop.get("id"))}
+            execution = hop.get("execution_id")
+            if execution is not None:
+                out["execution_id"] = scrub.text(execution)
+            hops.append(out)
+        return hops
+    if name == "decision":
+        decision = _mapping(value, _DECISION_KEYS)
+        outcome = decision.get("outcome")
+        if type(outcome) is not str or outcome not in _DECISION_OUTCOMES:
+            raise _Fallback
+        reasons = decision.get("reasons", ())
+        if type(reasons) is not list and type(reasons) is not tuple:
+            raise _Fallback
+        reason_list = []
+        for reason in reasons:
+            reason = _mapping(reason, _REASON_KEYS)
+            item = {"code": scrub.text(reason.get("code")),
+                    "message": scrub.text(reason.get("message", ""))}
+            policy_id = reason.get("policy_id")
+            if policy_id is not None:
+                item["policy_id"] = scrub.text(policy_id)
+            reason_list.append(item)
+        return {"outcome": outcome, "reasons": reason_list,
+                "policy_ids": scrub.texts(decision.get("policy_ids", ()))}
+    if name == "session":
+        session = _mapping(value, _SESSION_KEYS)
+        out = {
+            "budget_remaining": scrub.ints(session.get("budget_remaining", {}), optional=True),
+            "labels": scrub.texts(session.get("labels", ())),
+        }
+        tainted = session.get("tainted", False)
+        if type(tainted) is not bool:
+            raise _Fallback
+        out["tainted"] = tainted
+        for key in ("call_count", "risk", "risk_envelope"):
+            number = _optional_int(session.get(key))
+            if number is not None:
+                out[key] = number
+        return out
+    if name == "reasoning":
+        reasoning = _mapping(value, _REASONING_KEYS)
+        truncated = reasoning.get("truncated", False)
+        if type(truncated) is not bool:
+            raise _Fallback
+        out = {"truncated": truncated}
+        for key in _REASONING_TEXT:
+            text = reasoning.get(key)
+            if text is not None:
+                out[key] = scrub.text(text)
+        return out
+    if name == "result":
+        result = _mapping(value, _RESULT_KEYS)
+        outcome = result.get("outcome")
+        if type(outcome) is not str or outcome not in _RESULT_OUTCOMES:
+            raise _Fallback
+        out = {"outcome": outcome, "output_labels": scrub.texts(result.get("output_labels", ())),
+               "budget_settled": scrub.ints(result.get("budget_settled", {}), optional=False)}
+        duration = result.get("duration_ms")
+        if duration is not None:
+            if type(duration) is int and 0 <= duration <= _MAX_EXACT_FLOAT_INT:
+                duration = float(duration)  # pydantic's float coercion, exact in this range
+            elif type(duration) is not float or not 0 <= duration < float("inf"):
+                raise _Fallback
+            out["duration_ms"] = duration
+        digest_hex = result.get("output_digest")
+        if digest_hex is not None:
+            if type(digest_hex) is not str or _HEX64.fullmatch(digest_hex) is None:
+                raise _Fallback
+            out["output_digest"] = scrub.text(digest_hex)
+        error = result.get("error")
+        if error is not None:
+            out["error"] = scrub.text(error)
+        return out
+    if name == "arguments_digest":
+        if type(value) is not str or _HEX64.fullmatch(value) is None:
+            raise _Fallback
+        return scrub.text(value)
+    if name == "trace":
+        trace = _mapping(value, _TRACE_KEYS)
+        out = {}
+        for key in ("trace_id", "span_id"):
+            text = trace.get(key)
+            if text is not None:
+                if type(text) is not str or not 1 <= len(text) <= 128:
+                    raise _Fallback
+                out[key] = scrub.text(text)
+        return out
+    if name == "capabilities":
+        return scrub.texts(value)
+    if name == "usage":
+        return scrub.ints(value, optional=False)
+    if name == "extra":
+        if type(value) is not dict:
+            raise _Fallback
+        extra: dict[str, str] = {}
+        for key, text in value.items():
+            if type(text) is not str:
+                raise _Fallback
+            extra[scrub.key(key)] = scrub.field(key, text)
+        return extra
+    if name == "arguments":
+        if type(value) is not dict:
+            raise _Fallback
+        return scrub.json_value(value)
+    raise _Fallback  # memory, schema_version, or a name AuditEvent does not have
+
+
+def _fast_body(event_type: str, fields: Mapping[str, Any], time: str, sequence: int
+               ) -> tuple[dict[str, Any], bool] | None:
+    """``(json object, redaction changed something)`` for the event, or None (validate it)."""
+    if event_type not in _EVENT_TYPE_SET or _TIME_FORMAT.fullmatch(time) is None:
+        return None
+    scrub = _Scrubber()
+    body: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "time": time,
+                            "sequence": sequence, "event_type": event_type}
+    try:
+        for name, value in fields.items():
+            if name not in _FIELD_NAMES:
+                raise _Fallback  # unknown (or assigned by the recorder): let validation say so
+            if value is not None:
+                body[name] = _fast_part(name, value, scrub)
+    except _Fallback:
+        return None
+    return body, scrub.changed
+
+
+class _Record:
+    """One event on its way to the sinks: its JSON object, and the model only when asked for.
+
+    The sinks of this module take the object (:class:`JsonlSink` encodes it once, for every
+    sink that shares the record); other sinks get :meth:`event`, built once and shared.
+    """
+
+    __slots__ = ("_event", "_parts", "body")
+
+    def __init__(self, body: dict[str, Any], event: AuditEvent | None = None) -> None:
+        self.body = body
+        """The scrubbed event as :meth:`AuditEvent.to_json_dict` returns it (with sequence)."""
+        self._event = event
+        self._parts: _Parts | None = None
+
+    @property
+    def event_type(self) -> str:
+        return str(self.body["event_type"])
+
+    @property
+    def sequence(self) -> int:
+        return int(self.body["sequence"])
+
+    def event(self) -> AuditEvent:
+        """The event as a (scrubbed) model, validated from :attr:`body` on first use."""
+        event = self._event
+        if event is None:
+            try:
+                event = AuditEvent.model_validate(self.body)
+            except ValidationError as exc:  # a bug in _fast_body: refuse rather than guess
+                raise AuditError(
+                    f"invalid audit event `{self.event_type}` ({exc.error_count()} schema errors)"
+                ) from None
+            with _CLEAN_LOCK:
+                _CLEAN_EVENTS[id(event)] = event
+            self._event = event
+        return event
+
+    def parts(self) -> _Parts:
+        """The canonical encoding of the body without ``sequence`` (see :func:`_encode_parts`)."""
+        if self._parts is None:
+            body = dict(self.body)
+            body.pop("sequence", None)
+            self._parts = _encode_parts(body)
+        return self._parts
+
+
 # --- the sink protocol and the memory sink ----------------------------------------------------
 
 
@@ -474,19 +834,25 @@ class MemorySink:
 
     def __init__(self, *, durable: bool = True) -> None:
         self.durable = durable
-        self._events: list[AuditEvent] = []
+        self._events: list[AuditEvent | _Record] = []
         self._lock = threading.Lock()
 
     @property
     def events(self) -> list[AuditEvent]:
         """A copy of the events recorded so far, in order."""
         with self._lock:
-            return list(self._events)
+            kept = list(self._events)
+        return [item if isinstance(item, AuditEvent) else item.event() for item in kept]
 
     def emit(self, event: AuditEvent) -> None:
         event = _scrubbed_event(event)
         with self._lock:
             self._events.append(event)
+
+    def _emit_record(self, record: _Record) -> None:
+        """What the Recorder calls: the model is built when :attr:`events` is read."""
+        with self._lock:
+            self._events.append(record)
 
     def flush(self) -> None:
         return None
@@ -567,27 +933,76 @@ def public_keys_from_jwks(jwks: Mapping[str, Any]) -> dict[str, Ed25519PublicKey
 
 # --- JSONL sink ------------------------------------------------------------------------------
 
-_LOW_KEYS_END: Final = "hash"  # canonical JSON sorts keys; "hash" splits a record in two halves
+# A record's canonical line is its members in key order. The chain members fall between the
+# event's own members: "hash" < "prev" < "sequence". So the event is encoded once, in the four
+# key ranges they cut (an event has no member named like them), and each line is a join.
+_Parts = tuple[bytes, bytes, bytes, bytes]
+
+
+_ORJSON_FIELDS: Final = frozenset(AuditEvent.model_fields) - {"arguments"}
+
+
+def _plain_float(value: Any) -> bool:
+    # orjson writes a float as repr() does except in exponent form (1e-05 vs 0.00001); a float
+    # whose repr has no exponent (and is finite) comes out the same from both.
+    text = float.__repr__(value)
+    return "e" not in text and "n" not in text
+
+
+def _orjson_exact(group: Mapping[str, Any]) -> bool:
+    """Whether orjson writes ``group`` (a part of an event's JSON object) byte for byte as
+    :func:`canonical_json` does. Events hold floats only in ``result.duration_ms`` and in
+    recorded ``arguments``; everything else is str, int, bool, None, list and dict."""
+    if not _ORJSON_FIELDS.issuperset(group):
+        return False  # not an event's members (or "arguments"): the reference encoder
+    result = group.get("result")
+    if isinstance(result, dict):
+        duration = result.get("duration_ms")
+        if duration is not None and (type(duration) is not float or not _plain_float(duration)):
+            return False
+    return True
+
+
+def _encode_members(group: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of ``group`` without its braces (``b""`` when empty)."""
+    if not group:
+        return b""
+    if _orjson is not None and _orjson_exact(group):
+        try:
+            return bytes(_orjson.dumps(group, option=_orjson.OPT_SORT_KEYS)[1:-1])
+        except TypeError:  # an int beyond 64 bits, a non-str key: the reference encoder decides
+            pass
+    return canonical_json(group)[1:-1]
+
+
+def _encode_parts(body: Mapping[str, Any]) -> _Parts:
+    """``body`` (an event's JSON object, no chain members) encoded in the key ranges the chain
+    members cut: before ``hash``, before ``prev``, before ``sequence``, after ``sequence``."""
+    groups: tuple[dict[str, Any], ...] = ({}, {}, {}, {})
+    for key, value in body.items():
+        if key in _CHAIN_KEYS:
+            continue  # assigned by the chain, as before: never taken from the event
+        groups[(key > "hash") + (key > "prev") + (key > "sequence")][key] = value
+    low, mid, between, high = (_encode_members(group) for group in groups)
+    return low, mid, between, high
+
+
+def _chain_parts_line(parts: _Parts, sequence: int, prev: str) -> tuple[bytes, str]:
+    """The canonical line (without ``\\n``) and hash of an encoded event at ``sequence``."""
+    low, mid, between, high = parts
+    prev_member = b'"prev":' + canonical_json(prev)
+    sequence_member = b'"sequence":' + canonical_json(sequence)
+    rest = [p for p in (mid, prev_member, between, sequence_member, high) if p]
+    unhashed = b"{" + b",".join([low, *rest] if low else rest) + b"}"
+    record_hash = hashlib.sha256(unhashed).hexdigest()
+    member = b'"hash":"' + record_hash.encode("ascii") + b'"'
+    line = b"{" + b",".join([low, member, *rest] if low else [member, *rest]) + b"}"
+    return line, record_hash
 
 
 def _chain_line(body: Mapping[str, Any], sequence: int, prev: str) -> tuple[bytes, str]:
-    """The canonical line (without ``\\n``) and hash of ``body`` at ``sequence`` after ``prev``.
-
-    The record without ``hash`` is encoded in two halves, keys before and after ``"hash"``, so the
-    line with the ``hash`` member is a concatenation instead of a second full encoding.
-    """
-    record = dict(body)
-    record["sequence"] = sequence
-    record["prev"] = prev
-    low = {k: v for k, v in record.items() if k < _LOW_KEYS_END}
-    high = {k: v for k, v in record.items() if k > _LOW_KEYS_END}
-    low_bytes = canonical_json(low)[1:-1] if low else b""
-    high_bytes = canonical_json(high)[1:-1] if high else b""
-    unhashed = b"{" + b",".join(p for p in (low_bytes, high_bytes) if p) + b"}"
-    record_hash = hashlib.sha256(unhashed).hexdigest()
-    member = b'"hash":"' + record_hash.encode("ascii") + b'"'
-    line = b"{" + b",".join(p for p in (low_bytes, member, high_bytes) if p) + b"}"
-    return line, record_hash
+    """The canonical line (without ``\\n``) and hash of ``body`` at ``sequence`` after ``prev``."""
+    return _chain_parts_line(_encode_parts(body), sequence, prev)
 
 
 def _rfind_newline(fd: int, before: int) -> int:
@@ -723,7 +1138,7 @@ class JsonlSink:
         self._max_buffer = max_buffer
         self._mode = file_mode
         self._lock = threading.Lock()
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[_Parts] = []
         self._closed = False
         self._broken: str | None = None
         self._fd = -1
@@ -754,16 +1169,23 @@ class JsonlSink:
     def emit(self, event: AuditEvent) -> None:
         body = _scrubbed_event(event).to_json_dict()
         body.pop("sequence", None)
+        self._emit_parts(_encode_parts(body))
+
+    def _emit_record(self, record: _Record) -> None:
+        """What the Recorder calls: the record is scrubbed already, and encoded once."""
+        self._emit_parts(record.parts())
+
+    def _emit_parts(self, parts: _Parts) -> None:
+        # Encoded at emit time, so a non-JSON-safe event fails now, not at a later flush.
         if self.durability == "buffered":
-            canonical_json(body)  # surface a non-JSON-safe event now, at emit time
             with self._lock:
                 self._check_open()
-                self._pending.append(body)
+                self._pending.append(parts)
                 full = len(self._pending) >= self._max_buffer
             if full:
                 self.flush()
             return
-        self._locked(lambda: self._append([body]))
+        self._locked(lambda: self._append([parts]))
 
     def flush(self) -> None:
         with self._lock:
@@ -1097,17 +1519,17 @@ class JsonlSink:
         )
         body = event.to_json_dict()
         body.pop("sequence", None)
-        self._append([body])
+        self._append([_encode_parts(body)])
         logger.warning(
             "audit log `%s` continues `%s` (%s)", self.path, old, extra["previous_status"]
         )
 
-    def _append(self, bodies: list[dict[str, Any]]) -> None:
+    def _append(self, events: list[_Parts]) -> None:
         tail = self._tail
         sequence, prev = tail.next_sequence, tail.last_hash
         lines: list[bytes] = []
-        for body in bodies:
-            line, prev = _chain_line(body, sequence, prev)
+        for parts in events:
+            line, prev = _chain_parts_line(parts, sequence, prev)
             lines.append(line + b"\n")
             sequence += 1
         data = b"".join(lines)
@@ -1791,6 +2213,20 @@ class Recorder:
         ``fields`` are :class:`AuditEvent` fields (nested parts as models or dicts). ``arguments``
         is the tool's raw arguments: they are digested, and stored (redacted) only when configured.
         """
+        return self._record(event_type, fields).event()
+
+    def record_fast(self, event_type: EventType, /, **fields: Any) -> None:
+        """:meth:`record` without returning the event: the same record, for callers on the hot path.
+
+        Fields given as plain built-in values (str, int, bool, None; lists and dicts of them, as
+        the Guard builds them) are checked and redacted without building a model: a model is
+        only made if a sink needs one (:class:`OTelSink`, sinks of other modules) or
+        :attr:`MemorySink.events` is read. Anything else takes the validated path. The records
+        are the same bytes either way.
+        """
+        self._record(event_type, fields)
+
+    def _record(self, event_type: str, fields: dict[str, Any]) -> _Record:
         if "time" in fields or "sequence" in fields:
             raise AuditError("`time` and `sequence` are assigned by the recorder")
         if "arguments" in fields:
@@ -1804,25 +2240,41 @@ class Recorder:
         if reasoning is not None:
             fields["reasoning"] = self._reasoning(reasoning)
         with self._lock:
-            try:
-                event = AuditEvent.model_validate(
-                    {
-                        **fields,
-                        "event_type": event_type,
-                        "time": _format_time(self._clock()),
-                        "sequence": self._sequence,
-                    }
-                )
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
-                    for error in exc.errors(include_input=False)
-                )
-                raise AuditError(f"invalid audit event `{event_type}`: {problems}") from None
-            event = _scrubbed_event(event, message_is_clean=True)
+            time = _format_time(self._clock())
+            fast = _fast_body(event_type, fields, time, self._sequence)
+            if fast is None:
+                event = self._validated(event_type, fields, time)
+                record = _Record(event.to_json_dict(), event)
+            else:
+                body, redacted = fast
+                if redacted:
+                    # Something was redacted: validate the result, as the validated path does
+                    # (a redaction that breaks a constrained field refuses the event).
+                    try:
+                        record = _Record(body, AuditEvent.model_validate(body))
+                    except ValidationError:
+                        raise AuditError(
+                            "an audit event still holds a secret after redaction"
+                        ) from None
+                else:
+                    record = _Record(body)
             self._sequence += 1
-            self._emit(event)
-        return event
+            self._emit(record)
+        return record
+
+    def _validated(self, event_type: str, fields: Mapping[str, Any], time: str) -> AuditEvent:
+        """The event through the model: for fields the fast path does not take."""
+        try:
+            event = AuditEvent.model_validate(
+                {**fields, "event_type": event_type, "time": time, "sequence": self._sequence}
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+                for error in exc.errors(include_input=False)
+            )
+            raise AuditError(f"invalid audit event `{event_type}`: {problems}") from None
+        return _scrubbed_event(event, message_is_clean=True)
 
     def flush(self) -> None:
         """Flush every sink; a durable failure raises :class:`AuditError` after trying all."""
@@ -1838,16 +2290,24 @@ class Recorder:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _emit(self, event: AuditEvent) -> None:
+    def _emit(self, record: _Record) -> None:
         failed: list[str] = []
         for sink in self._sinks:
             try:
-                sink.emit(event)
+                # This module's sinks take the record (no model unless asked for); a subclass
+                # or an instance with its own emit gets the model, as any other sink does.
+                kind = type(sink)
+                if kind in _RECORD_SINKS and kind.emit is _RECORD_SINKS[kind] and (
+                    "emit" not in vars(sink)
+                ):
+                    sink._emit_record(record)  # type: ignore[attr-defined]
+                else:
+                    sink.emit(record.event())
             except Exception as exc:
-                failed.extend(self._failed(sink, "emit", exc, event))
+                failed.extend(self._failed(sink, "emit", exc, record))
         if failed:
             raise AuditError(
-                f"durable audit sink failed to record `{event.event_type}`: {'; '.join(failed)}"
+                f"durable audit sink failed to record `{record.event_type}`: {'; '.join(failed)}"
             )
 
     def _each(self, method: Literal["flush", "close"]) -> None:
@@ -1862,7 +2322,7 @@ class Recorder:
             raise AuditError(f"durable audit sink failed to {method}: {'; '.join(failed)}")
 
     def _failed(
-        self, sink: AuditSink, action: str, exc: Exception, event: AuditEvent | None
+        self, sink: AuditSink, action: str, exc: Exception, event: _Record | None
     ) -> list[str]:
         name = type(sink).__name__
         message = redact_secrets(f"{type(exc).__name__}: {exc}")
@@ -1919,3 +2379,10 @@ class Recorder:
                 data["truncated"] = True
             data["message"] = message
         return data
+
+
+# Sinks whose own emit the Recorder may bypass with _emit_record (same result, no model).
+_RECORD_SINKS: Final[Mapping[type, Any]] = {
+    MemorySink: MemorySink.emit,
+    JsonlSink: JsonlSink.emit,
+}
