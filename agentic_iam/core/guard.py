@@ -921,7 +921,7 @@ class Guard:
         if self.recorder is not None:
             screened = pending.screened
             state = self._session_after(pending, amounts if charged else None)
-            self.recorder.record(
+            self.recorder.record_fast(
                 "tool_call.completed",
                 **{**pending.audit,
                    "session": state,
@@ -973,7 +973,7 @@ class Guard:
         if self.recorder is not None:
             audit: dict[str, Any] = {}
             self._identity_audit(identity, audit)
-            self.recorder.record(
+            self.recorder.record_fast(
                 "execution.suspended", **audit,
                 **({"tool": decision.tool, "call_id": decision.call_id,
                     "action": decision.action} if decision is not None else {}),
@@ -1020,7 +1020,7 @@ class Guard:
         if self.recorder is not None:
             audit: dict[str, Any] = {}
             self._identity_audit(identity, audit)
-            self.recorder.record("execution.ended", **audit, extra={"reason": reason})
+            self.recorder.record_fast("execution.ended", **audit, extra={"reason": reason})
 
     def charge_usage(self, token: TokenLike, *, input_tokens: int, output_tokens: int,
                      model: str | None = None, framework: str | None = None) -> None:
@@ -1033,7 +1033,7 @@ class Guard:
         if self.recorder is not None:
             audit: dict[str, Any] = {}
             self._identity_audit(identity, audit)
-            self.recorder.record("model.usage", **audit,
+            self.recorder.record_fast("model.usage", **audit,
                                  usage={"input_tokens": int(input_tokens),
                                         "output_tokens": int(output_tokens)},
                                  reasoning={"model": model},
@@ -1173,7 +1173,7 @@ class Guard:
         fields["framework"] = call.framework or self.config.framework
         if decision.approval_id:
             fields["extra"] = {"approval_id": decision.approval_id}
-        self.recorder.record("tool_call.decided", **fields)
+        self.recorder.record_fast("tool_call.decided", **fields)
         with self._lock:
             pending = self._pending.get(decision.ticket) if decision.ticket else None
             if pending is not None:
