@@ -250,15 +250,18 @@ class Mediator:
             del self._in_flight[key[:2]]
         held[1].set()
 
+    def _look(self, key: tuple[str, str, str] | None) -> Mediated[Any] | threading.Event | None:
+        """The earlier outcome of this call; else the event of another owner's mediation of
+        it that is in flight (wait, then look again); else ``None``: claimed, decide it."""
+        replayed = self._replayed(key)
+        return replayed if replayed is not None else self._claim(key)
+
     def _begin(self, key: tuple[str, str, str] | None) -> tuple[Mediated[Any] | None, bool]:
         """(earlier outcome, claimed) for a sync mediation."""
-        replayed = self._replayed(key)
-        if replayed is not None:
-            return replayed, False
-        busy = self._claim(key)
-        if busy is None:
-            return None, True
-        if not busy.wait(IN_FLIGHT_WAIT):
+        found = self._look(key)
+        if not isinstance(found, threading.Event):
+            return found, found is None
+        if not found.wait(IN_FLIGHT_WAIT):
             log.warning("call %s is still in flight after %.0f s; deciding it afresh",
                         key[1] if key else "", IN_FLIGHT_WAIT)
         return self._replayed(key), False
@@ -267,15 +270,12 @@ class Mediator:
                                                                      bool]:
         """(earlier outcome, claimed) for an async mediation (waits without blocking the
         loop: the call in flight may run on this very loop)."""
-        replayed = self._replayed(key)
-        if replayed is not None:
-            return replayed, False
-        busy = self._claim(key)
-        if busy is None:
-            return None, True
+        found = self._look(key)
+        if not isinstance(found, threading.Event):
+            return found, found is None
         deadline = time.monotonic() + IN_FLIGHT_WAIT
         delay = 0.001
-        while not busy.is_set() and time.monotonic() < deadline:
+        while not found.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
         return self._replayed(key), False
